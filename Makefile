@@ -1,0 +1,60 @@
+# medlab: `make` (or `make help`) lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KERNEL := medlab
+DATASET ?= synthetic
+MEDMNIST ?= pneumoniamnist
+MEDMNIST_SIZE ?= 28
+NOTEBOOKS ?=
+PARAMS ?=
+NBVAL_DIR := build/nbval
+
+.PHONY: help setup lab data reports test lint bench clean
+
+help: ## Show this help
+	@echo "medlab: reproducible medical image classification (see README.md)"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-9s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables: DATASET=synthetic|synthetic-4class|pneumoniamnist|path/to/file.npz|path/to/folder"
+	@echo "           NOTEBOOKS='01 02' (subset), PARAMS='-p image_size=32' (notebook parameters)"
+
+setup: $(VENV)/.installed ## Create .venv from the lock file and register the Jupyter kernel
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --require-hashes -r requirements.lock
+	$(PY) -m pip install --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (medlab)"
+	touch $@
+
+lab: setup ## Open the notebooks in JupyterLab
+	$(VENV)/bin/jupyter lab notebooks/
+
+data: setup ## Generate the synthetic datasets and download MEDMNIST (default pneumoniamnist; needs internet)
+	$(PY) -m medlab.cli data synthetic --task binary
+	$(PY) -m medlab.cli data synthetic --task four_class
+	$(PY) -m medlab.cli data download $(MEDMNIST) --size $(MEDMNIST_SIZE)
+
+reports: setup ## Execute every notebook into reports/<run>/ (DATASET=..., default synthetic)
+	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(PARAMS)
+
+test: setup ## Unit tests, then every notebook under nbval with small parameters
+	rm -rf $(NBVAL_DIR)
+	$(PY) -m medlab.smoke $(NBVAL_DIR)
+	$(PY) -m pytest tests $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider
+
+lint: setup ## Static checks (ruff) and notebooks-without-outputs check
+	$(VENV)/bin/ruff check medlab tests
+	$(PY) -m medlab.smoke --check-clean
+
+bench: setup ## Print benchmark figures (data pipeline vs a per-file loop)
+	$(PY) -m medlab.cli bench data
+
+clean: ## Remove generated reports, caches and build files (keeps .venv and downloads)
+	rm -rf build reports/*/ reports/.*staging data/cache data/synthetic .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

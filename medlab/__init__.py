@@ -1,0 +1,22 @@
+"""medlab: reproducible medical image classification, taught one notebook at a time.
+
+The package holds the small, tested helpers the notebooks call, one module per
+pipeline stage:
+
+- :mod:`medlab.config`     paths and defaults, derived in one place
+- :mod:`medlab.synthetic`  the offline default: chest-radiograph-like phantoms
+- :mod:`medlab.data`       datasets from folders, MedMNIST ``.npz`` and the generator
+- :mod:`medlab.download`   fetching official MedMNIST files (MD5-checked)
+- :mod:`medlab.audit`      duplicate detection within and across splits
+- :mod:`medlab.augment`    the Keras augmentation pipeline
+- :mod:`medlab.plots`      figures for EDA and reports
+- :mod:`medlab.reports`    running the notebooks into ``reports/``
+"""
+
+import os
+
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) buries
+# what a student should read; keep warnings and errors. Set before TF loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"

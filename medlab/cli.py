@@ -1,0 +1,129 @@
+"""The ``medlab`` command line: ``medlab --help`` lists the subcommands.
+
+Expected problems (a missing file, a bad image, no internet) end with one
+clear message and exit status 1; ``--debug`` shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medlab import config
+
+
+def _parse_parameter(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"parameters look like name=value, got {text!r}")
+    name, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return name.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of short messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="prepare datasets: the synthetic default, MedMNIST downloads")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synthetic = data_commands.add_parser("synthetic", help="generate and cache the synthetic dataset")
+    synthetic.add_argument("--task", choices=["binary", "four_class"], default="binary")
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    download = data_commands.add_parser("download", help="fetch an official MedMNIST file (MD5-checked)")
+    download.add_argument("flag", nargs="?", default="pneumoniamnist")
+    download.add_argument("--size", type=int, default=28, choices=[28, 64, 128, 224])
+
+    info = commands.add_parser("info", help="describe a dataset: classes, counts, fingerprint, notes")
+    info.add_argument("dataset", nargs="?", default=config.DEFAULT_DATASET)
+    info.add_argument("--image-size", type=int, default=0)
+    info.add_argument("--skip-bad-files", action="store_true", help="leave unreadable images out and list them")
+
+    audit = commands.add_parser("audit", help="list exact-duplicate images within and across splits")
+    audit.add_argument("dataset", nargs="?", default=config.DEFAULT_DATASET)
+
+    reports = commands.add_parser("reports", help="execute the notebooks into reports/<run>/")
+    reports.add_argument("--dataset", default=config.DEFAULT_DATASET)
+    reports.add_argument("--notebooks", nargs="*", help="numbers or names, e.g. 01 02 (default: all)")
+    reports.add_argument("-p", "--parameter", action="append", type=_parse_parameter, default=[],
+                         metavar="NAME=VALUE", help="notebook parameter, repeatable (e.g. -p image_size=32)")
+    reports.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own)")
+
+    bench = commands.add_parser("bench", help="print benchmark figures")
+    bench.add_argument("what", choices=["data"], nargs="?", default="data")
+    bench.add_argument("--images", type=int, default=5000)
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medlab.data import DataError
+    from medlab.download import DownloadError
+    from medlab.reports import ReportError
+
+    arguments = build_parser().parse_args(argv)
+    try:
+        return _run(arguments)
+    except (DataError, DownloadError, ReportError, FileNotFoundError, ValueError) as error:
+        if arguments.debug:
+            raise
+        print(f"medlab: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(arguments) -> int:
+    if arguments.command == "data":
+        if arguments.data_command == "synthetic":
+            from medlab.synthetic import SyntheticConfig, ensure_synthetic
+
+            cfg = SyntheticConfig(task=arguments.task, image_size=arguments.image_size, seed=arguments.seed)
+            print(ensure_synthetic(cfg))
+        else:
+            from medlab.download import download_medmnist
+
+            print(download_medmnist(arguments.flag, arguments.size))
+        return 0
+    if arguments.command in {"info", "audit"}:
+        from medlab.data import load_dataset
+
+        if arguments.command == "info":
+            dataset = load_dataset(arguments.dataset, image_size=arguments.image_size or None,
+                                   on_error="skip" if arguments.skip_bad_files else "raise")
+            print(json.dumps(dataset.describe(), indent=2))
+            print(dataset.counts().to_string())
+            return 0
+        from medlab.audit import duplicate_summary, find_duplicates
+
+        duplicates = find_duplicates(load_dataset(arguments.dataset))
+        print(duplicate_summary(duplicates).to_string() if len(duplicates) else "no exact duplicates")
+        if len(duplicates):
+            print()
+            print(duplicates.to_string(index=False, max_colwidth=60))
+        return 0
+    if arguments.command == "reports":
+        from medlab.reports import run_reports
+
+        final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
+        print(f"report written: {final}/index.html")
+        return 0
+    if arguments.command == "bench":
+        from medlab.bench import data_benchmark, print_table
+
+        results = data_benchmark(arguments.images)
+        print(json.dumps(results, indent=2) if arguments.json else "", end="")
+        if not arguments.json:
+            print_table(results)
+        return 0
+    raise AssertionError(arguments.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

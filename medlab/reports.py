@@ -1,0 +1,249 @@
+"""``make reports``: run every notebook with papermill into one folder per dataset.
+
+For ``DATASET=synthetic`` the result is ``reports/synthetic/``:
+
+- ``NN_name.ipynb`` and ``NN_name.html``: each notebook, executed, and rendered by nbconvert;
+- ``figures/*.png``: every figure the notebooks saved;
+- ``records/*.json``: what the notebooks measured (see :func:`record`);
+- ``metrics.json``: the records merged with the dataset fingerprint, package
+  versions, git commit, parameters and each notebook's wall time;
+- ``index.html``: the page to open first.
+
+A run is built in a hidden staging folder and swapped in only when every
+notebook succeeded. If one fails, ``make`` exits non-zero, the executed
+notebook with its error is kept in ``reports/<run>.failed/``, and the
+previous complete report is left as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import platform
+import re
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from medlab import config
+
+REPORTED_PACKAGES = ("medlab", "tensorflow", "keras", "numpy", "pandas", "scikit-learn",
+                     "matplotlib", "seaborn", "pillow", "papermill", "nbconvert")
+
+
+class ReportError(RuntimeError):
+    """A notebook failed; the message says which, why, and where its output is."""
+
+
+def notebooks(selection: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order, optionally only those whose number or name is given."""
+    found = sorted(config.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if not selection:
+        return found
+    chosen = [path for path in found if any(path.stem == s or path.stem.startswith(f"{s}_") or path.name == s
+                                             for s in selection)]
+    unknown = [s for s in selection if not any(p.stem == s or p.stem.startswith(f"{s}_") or p.name == s
+                                               for p in found)]
+    if unknown:
+        raise ValueError(f"no notebook matches {unknown}; available: {[p.stem for p in found]}")
+    return chosen
+
+
+def run_name(dataset: str) -> str:
+    """The run folder's name: 'synthetic', 'pneumoniamnist', or a folder's name."""
+    text = str(dataset).rstrip("/")
+    name = Path(text).stem if text.endswith(".npz") else Path(text).name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "run"
+
+
+def record(run_dir: str | Path | None, section: str, values: dict) -> None:
+    """Store a notebook's measurements as ``records/<section>.json`` (merged into metrics.json)."""
+    if not run_dir:
+        return
+    path = Path(run_dir) / "records" / f"{section}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.PROJECT_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=config.PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in REPORTED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def render_html(notebook_path: Path) -> Path:
+    """Render an executed notebook to a standalone HTML file beside it."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    body, _resources = HTMLExporter().from_notebook_node(notebook)
+    html_path = notebook_path.with_suffix(".html")
+    html_path.write_text(body, encoding="utf-8")
+    return html_path
+
+
+def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | None = None,
+                parameters: dict | None = None, kernel: str | None = None,
+                progress: bool = True, reports_dir: Path | None = None) -> Path:
+    """Execute the notebooks for ``dataset`` and swap the finished run into ``reports/<run>/``."""
+    import papermill
+
+    reports_dir = Path(reports_dir or config.reports_dir())
+    name = run_name(dataset)
+    final = reports_dir / name
+    staging = reports_dir / f".{name}.staging"
+    failed = reports_dir / f"{name}.failed"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    parameters = dict(parameters or {})
+    chosen = notebooks(selection)
+    if not chosen:
+        raise ReportError(f"no notebooks found in {config.NOTEBOOKS_DIR}")
+    timings: dict[str, float] = {}
+    used_parameters: dict[str, dict] = {}
+    for notebook in chosen:
+        declared = papermill.inspect_notebook(str(notebook))
+        given = {"dataset": dataset, "run_dir": str(staging.resolve()), **parameters}
+        passed = {key: value for key, value in given.items() if key in declared}
+        output = staging / notebook.name
+        print(f"[medlab] {notebook.name} on {dataset} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(output), parameters=passed, kernel_name=kernel,
+                progress_bar=progress, cwd=str(config.NOTEBOOKS_DIR),
+            )
+        except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
+            if output.exists():
+                render_html(output)
+            shutil.rmtree(failed, ignore_errors=True)
+            staging.rename(failed)
+            reason = getattr(error, "ename", type(error).__name__)
+            detail = getattr(error, "evalue", str(error))
+            raise ReportError(
+                f"{notebook.name} failed on dataset {dataset!r}: {reason}: {detail}\n"
+                f"The executed notebook, with the error shown, is in {failed}/. "
+                f"The previous complete report in {final}/ was left untouched."
+            ) from None
+        timings[notebook.stem] = round(time.perf_counter() - started, 2)
+        used_parameters[notebook.stem] = {k: v for k, v in passed.items() if k != "run_dir"}
+        render_html(output)
+        print(f"[medlab] {notebook.name} done in {timings[notebook.stem]:.1f} s", flush=True)
+
+    metrics = _collect_metrics(staging, dataset, name, timings, used_parameters)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (staging / "index.html").write_text(_index_html(staging, metrics), encoding="utf-8")
+    _swap_into_place(staging, final)
+    shutil.rmtree(failed, ignore_errors=True)
+    return final
+
+
+def _collect_metrics(run_dir: Path, dataset: str, name: str, timings: dict, parameters: dict) -> dict:
+    records = {path.stem: json.loads(path.read_text()) for path in sorted((run_dir / "records").glob("*.json"))}
+    return {
+        "run": name,
+        "dataset_spec": dataset,
+        "dataset": records.pop("dataset", None),
+        "records": records,
+        "parameters": parameters,
+        "notebook_wall_time_s": timings,
+        "total_wall_time_s": round(sum(timings.values()), 2),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "cpu_count": _cpu_count()},
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Replace ``final`` with ``staging`` so that a complete report is always on disk."""
+    previous = final.with_name(f".{final.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _index_html(run_dir: Path, metrics: dict) -> str:
+    escape = html.escape
+    dataset = metrics.get("dataset") or {}
+    banner = ""
+    if dataset.get("synthetic"):
+        banner = ('<p class="synthetic">SYNTHETIC DATA: every result on this page comes from generated '
+                  "phantoms, not from real patients.</p>")
+    rows = "".join(
+        f"<tr><td>{escape(stem)}</td><td><a href='{escape(stem)}.html'>HTML</a></td>"
+        f"<td><a href='{escape(stem)}.ipynb'>notebook</a></td><td>{seconds:.1f} s</td></tr>"
+        for stem, seconds in metrics["notebook_wall_time_s"].items()
+    )
+    counts = dataset.get("counts") or {}
+    count_rows = "".join(
+        f"<tr><td>{escape(split)}</td>" + "".join(f"<td>{n}</td>" for n in per_class.values()) + "</tr>"
+        for split, per_class in counts.items()
+    )
+    class_header = "".join(f"<th>{escape(c)}</th>" for c in dataset.get("class_names", []))
+    figures = "".join(
+        f"<figure><a href='figures/{escape(p.name)}'><img src='figures/{escape(p.name)}' loading='lazy'></a>"
+        f"<figcaption>{escape(p.stem)}</figcaption></figure>"
+        for p in sorted((run_dir / "figures").glob("*.png"))
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medlab report: {escape(metrics['run'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ border: 1px solid #ccc; padding: .3rem .7rem; }}
+.synthetic {{ background: #fde8e8; color: #9b1c1c; font-weight: bold; padding: .6rem; border-radius: 4px; }}
+figure {{ display: inline-block; width: 250px; margin: .4rem; vertical-align: top; }}
+figure img {{ width: 100%; border: 1px solid #ddd; }} figcaption {{ font-size: .8rem; }}
+code {{ background: #f4f4f4; padding: 0 .2rem; }}
+</style></head><body>
+<h1>medlab report: {escape(metrics['run'])}</h1>
+{banner}
+<p>Dataset <code>{escape(str(metrics['dataset_spec']))}</code>
+({escape(str(dataset.get('kind', '?')))}, {escape(str(dataset.get('task', '?')))},
+{escape(' x '.join(map(str, dataset.get('image_size', []))))} px, {dataset.get('channels', '?')} channel(s)),
+sha256 <code>{escape(str(dataset.get('sha256', '?')))}</code>, licence: {escape(str(dataset.get('licence', '?')))}.</p>
+<table><tr><th>split</th>{class_header}</tr>{count_rows}</table>
+<h2>Notebooks</h2>
+<table><tr><th>notebook</th><th>rendered</th><th>executed</th><th>wall time</th></tr>{rows}</table>
+<p>Commit <code>{escape(metrics['git_commit'])}</code>, generated {escape(metrics['generated_at'])};
+machine-readable results in <a href="metrics.json">metrics.json</a>.</p>
+<h2>Figures</h2>
+{figures}
+</body></html>
+"""
