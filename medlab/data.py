@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -432,7 +433,13 @@ def _carve_validation(train: Split, fraction: float, seed: int, patient_ids: lis
     from sklearn.model_selection import StratifiedGroupKFold
 
     groups = patient_ids if patient_ids is not None else [str(i) for i in range(len(train))]
-    folds = max(2, round(1.0 / fraction))
+    smallest_class = np.bincount(train.labels).min()
+    folds = min(round(1.0 / fraction), len(set(groups)), int(smallest_class))
+    if folds < 2:
+        raise DataError(
+            f"the training split ({len(train)} images, {smallest_class} in its smallest class) is too small "
+            "to carve a validation split from; add a val/ folder or more training images"
+        )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     train_index, val_index = next(splitter.split(np.zeros(len(train)), train.labels, groups))
     grouped = patient_ids is not None and len(set(patient_ids)) < len(patient_ids)
@@ -658,8 +665,8 @@ def _load_folder(root: Path, image_size: int | None, channels: int | None, seed:
     if cache_path.exists():
         try:
             return _dataset_from_folder_cache(cache_path, scan, on_error)
-        except (DataError, KeyError, ValueError, OSError):
-            pass  # unreadable or inconsistent cache: rebuild it below
+        except (DataError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable, half-written or inconsistent cache: rebuild it below
 
     # Headers: catch zero-byte and unreadable files early, learn modes and sizes.
     headers = {}

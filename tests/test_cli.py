@@ -1,0 +1,36 @@
+import json
+
+import numpy as np
+
+from medlab.cli import main
+
+
+def test_info_prints_description(tiny_npz, capsys):
+    assert main(["info", str(tiny_npz)]) == 0
+    output = capsys.readouterr().out
+    description = json.loads(output[: output.rindex("}") + 1])
+    assert description["class_names"] == ["normal", "pneumonia"]
+
+
+def test_bad_input_gives_one_clear_line_not_a_traceback(tmp_path, capsys):
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, train_images=np.zeros((2, 4, 4), np.uint8))
+    assert main(["info", str(broken)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("medlab: error: ") and "train_labels" in error
+    assert "Traceback" not in error
+
+
+def test_offline_download_fails_cleanly(capsys, monkeypatch):
+    from medlab import download
+
+    monkeypatch.setattr(download.MedMNISTInfo, "url", lambda self, size=28: "http://127.0.0.1:9/x.npz")
+    assert main(["data", "download", "pneumoniamnist"]) == 1
+    error = capsys.readouterr().err
+    assert "could not download" in error and "put it at" in error and "Traceback" not in error
+
+
+def test_audit_and_synthetic_commands(capsys):
+    assert main(["data", "synthetic", "--image-size", "32"]) == 0
+    assert main(["audit", "synthetic"]) == 0
+    assert "no exact duplicates" in capsys.readouterr().out

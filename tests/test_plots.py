@@ -1,0 +1,31 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+from medlab import plots  # noqa: E402
+from medlab.augment import single_augmentations  # noqa: E402
+from medlab.data import load_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset("synthetic-4class", image_size=32, max_images_per_split=40, progress=False)
+
+
+def test_every_eda_figure_draws_and_saves(dataset, tmp_path):
+    figures = {
+        "counts": plots.plot_class_counts(dataset),
+        "samples": plots.plot_sample_grid(dataset, per_class=3, show_masks=True),
+        "intensities": plots.plot_intensity_histograms(dataset),
+        "means": plots.plot_mean_images(dataset),
+        "augment": plots.plot_augmentation_grid(dataset.train.images[:2], single_augmentations(), draws=2),
+    }
+    for name, figure in figures.items():
+        path = plots.save_figure(figure, tmp_path, name)
+        assert path.exists() and path.stat().st_size > 1000
+    assert len(figures["samples"].axes) == 4 * 3
+    assert any("SYNTHETIC" in text.get_text() for text in figures["counts"].texts)
+    assert plots.save_figure(figures["counts"], "", "nothing") is None
+    assert plots.plot_image_size_scatter(dataset) is None  # arrays have no source sizes

@@ -1,0 +1,73 @@
+import json
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from medlab import config, reports
+from medlab.reports import ReportError, record, run_name, run_reports
+
+
+def _notebook(path, body):
+    parameters = new_code_cell('dataset: str = "synthetic"  # which data\nrun_dir: str = ""  # output folder')
+    parameters.metadata["tags"] = ["parameters"]
+    notebook = new_notebook(cells=[parameters, new_code_cell(body)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+
+
+@pytest.fixture
+def notebook_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    monkeypatch.setattr(config, "NOTEBOOKS_DIR", folder)
+    _notebook(folder / "01_first.ipynb",
+              "from medlab.reports import record\n"
+              "record(run_dir, 'dataset', {'name': dataset, 'synthetic': True})\n"
+              "print('hello from', dataset)")
+    _notebook(folder / "02_second.ipynb", "record_value = 2\nprint(record_value)")
+    return folder
+
+
+def test_run_name():
+    assert run_name("synthetic") == "synthetic"
+    assert run_name("../shared/data/pneumoniamnist/pneumoniamnist.npz") == "pneumoniamnist"
+    assert run_name("/data/chest_xray/") == "chest_xray"
+
+
+def test_record_writes_json_and_ignores_empty_run_dir(tmp_path):
+    record(tmp_path, "numbers", {"auc": 0.5})
+    assert json.loads((tmp_path / "records" / "numbers.json").read_text()) == {"auc": 0.5}
+    record("", "numbers", {"auc": 0.5})  # interactive use: nothing written, no error
+
+
+def test_a_complete_run_writes_notebooks_html_metrics_and_index(notebook_dir, tmp_path):
+    final = run_reports("synthetic", kernel="python3", progress=False)
+    assert final == tmp_path / "reports" / "synthetic"
+    for name in ("01_first.ipynb", "01_first.html", "02_second.html", "index.html", "metrics.json"):
+        assert (final / name).exists(), name
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["dataset"] == {"name": "synthetic", "synthetic": True}
+    assert set(metrics["notebook_wall_time_s"]) == {"01_first", "02_second"}
+    assert metrics["versions"]["tensorflow"] != "not installed"
+    assert "SYNTHETIC DATA" in (final / "index.html").read_text()
+    assert "hello from synthetic" in (final / "01_first.html").read_text()
+    assert not list((tmp_path / "reports").glob(".*"))  # no staging folder left behind
+
+
+def test_a_failing_notebook_keeps_the_previous_report(notebook_dir, tmp_path):
+    final = run_reports("synthetic", kernel="python3", progress=False)
+    before = (final / "metrics.json").read_text()
+    _notebook(notebook_dir / "02_second.ipynb", "raise RuntimeError('planted failure')")
+    with pytest.raises(ReportError, match="02_second.ipynb failed.*planted failure"):
+        run_reports("synthetic", kernel="python3", progress=False)
+    assert (final / "metrics.json").read_text() == before
+    failed = tmp_path / "reports" / "synthetic.failed"
+    assert "planted failure" in (failed / "02_second.ipynb").read_text()
+    assert (failed / "02_second.html").exists()
+
+
+def test_notebook_selection(notebook_dir):
+    assert [p.stem for p in reports.notebooks(["02"])] == ["02_second"]
+    with pytest.raises(ValueError, match="no notebook matches"):
+        reports.notebooks(["09"])
