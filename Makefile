@@ -13,7 +13,7 @@ NOTEBOOKS ?=
 PARAMS ?=
 NBVAL_DIR := build/nbval
 
-.PHONY: help setup lab data reports test lint bench clean
+.PHONY: help setup lab data reports test lint bench lock clean
 
 help: ## Show this help
 	@echo "medlab: reproducible medical image classification (see README.md)"
@@ -49,11 +49,15 @@ test: setup ## Unit tests, then every notebook under nbval with small parameters
 	$(PY) -m pytest tests $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider
 
 lint: setup ## Static checks (ruff) and notebooks-without-outputs check
-	$(VENV)/bin/ruff check medlab tests
+	$(VENV)/bin/ruff check medlab tests scripts
 	$(PY) -m medlab.smoke --check-clean
 
 bench: setup ## Print benchmark figures (data pipeline vs a per-file loop)
 	$(PY) -m medlab.cli bench data
+
+lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh environment.yml
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements.lock
+	$(PY) scripts/environment_from_lock.py
 
 clean: ## Remove generated reports, caches and build files (keeps .venv and downloads)
 	rm -rf build reports/*/ reports/.*staging data/cache data/synthetic .pytest_cache

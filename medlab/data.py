@@ -616,7 +616,14 @@ def decode_files(paths: list[Path], use_pillow: list[bool], image_size: int, cha
             return tf.ensure_shape(image, [None, None, channels])
 
         image = tf.cond(pillow, with_pillow, with_tf)
-        image = tf.image.resize(image, [image_size, image_size], antialias=True)
+        # Shrinking: area averaging (a box filter: antialiased, and 2x faster than
+        # antialias=True here). Enlarging: bilinear.
+        shrinking = tf.reduce_max(tf.shape(image)[:2]) > image_size
+        image = tf.cond(
+            shrinking,
+            lambda: tf.image.resize(image, [image_size, image_size], method="area"),
+            lambda: tf.image.resize(image, [image_size, image_size], method="bilinear"),
+        )
         return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), index
 
     dataset = (
@@ -700,17 +707,18 @@ def _load_folder(root: Path, image_size: int | None, channels: int | None, seed:
     skipped = [(str(path.relative_to(scan.root)), reason) for path, reason in sorted(bad.items())]
 
     arrays: dict[str, np.ndarray] = {}
-    keep = np.array([path not in bad for _s, path, _l in all_entries], dtype=bool)
+    entry_splits = np.array([split for split, _path, _label in all_entries])
+    entry_labels = np.array([label for _split, _path, label in all_entries], dtype=np.int64)
+    entry_ids = np.array([str(path.relative_to(scan.root)) for _split, path, _label in all_entries])
+    keep = np.array([path not in bad for _split, path, _label in all_entries], dtype=bool)
     for split in scan.files:
-        chosen = np.array([s == split for s, _p, _l in all_entries], dtype=bool) & keep
+        chosen = (entry_splits == split) & keep
         if not chosen.any():
             raise DataError(f"{scan.root}: no readable images left in split {split!r}")
         arrays[f"{split}_images"] = images[chosen]
-        arrays[f"{split}_labels"] = np.array([l for (s, p, l), c in zip(all_entries, chosen) if c], np.int64)
-        arrays[f"{split}_ids"] = np.array(
-            [str(p.relative_to(scan.root)) for (s, p, l), c in zip(all_entries, chosen) if c])
-        arrays[f"{split}_hashes"] = np.array(
-            [file_sha256(p) for (s, p, l), c in zip(all_entries, chosen) if c])
+        arrays[f"{split}_labels"] = entry_labels[chosen]
+        arrays[f"{split}_ids"] = entry_ids[chosen]
+        arrays[f"{split}_hashes"] = np.array([file_sha256(scan.root / name) for name in entry_ids[chosen]])
     fingerprint = hashlib.sha256(
         "\n".join(sorted(f"{h}  {i}" for split in scan.files
                          for h, i in zip(arrays[f"{split}_hashes"], arrays[f"{split}_ids"]))).encode()

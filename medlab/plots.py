@@ -152,6 +152,18 @@ def plot_augmentation_grid(images: np.ndarray, augmentations: dict, draws: int =
     return figure
 
 
+def plot_image_batch(images: np.ndarray, labels: np.ndarray, class_names: list[str], columns: int = 8):
+    """A batch as the model sees it (float pixels in [0, 255]), titled with each image's class."""
+    rows = int(np.ceil(len(images) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, label in zip(axes.ravel(), np.clip(images, 0, 255), labels):
+        _show(axis, image, class_names[int(label)])
+    figure.tight_layout()
+    return figure
+
+
 def plot_image_size_scatter(dataset: Dataset):
     """Source image sizes (folder data): a note on how much resizing the pipeline does."""
     sizes = dataset.info.source_image_sizes
@@ -168,5 +180,6 @@ def plot_image_size_scatter(dataset: Dataset):
 
 __all__ = [
     "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
-    "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_size_scatter",
+    "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
+    "plot_image_size_scatter",
 ]

@@ -116,6 +116,8 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     import papermill
 
     reports_dir = Path(reports_dir or config.reports_dir())
+    if Path(dataset).expanduser().exists():  # notebooks run in notebooks/: pass paths absolute
+        dataset = str(Path(dataset).expanduser().resolve())
     name = run_name(dataset)
     final = reports_dir / name
     staging = reports_dir / f".{name}.staging"

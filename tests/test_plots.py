@@ -21,6 +21,8 @@ def test_every_eda_figure_draws_and_saves(dataset, tmp_path):
         "intensities": plots.plot_intensity_histograms(dataset),
         "means": plots.plot_mean_images(dataset),
         "augment": plots.plot_augmentation_grid(dataset.train.images[:2], single_augmentations(), draws=2),
+        "batch": plots.plot_image_batch(dataset.train.images[:10].astype("float32"), dataset.train.labels[:10],
+                                        dataset.info.class_names),
     }
     for name, figure in figures.items():
         path = plots.save_figure(figure, tmp_path, name)

@@ -71,3 +71,11 @@ def test_notebook_selection(notebook_dir):
     assert [p.stem for p in reports.notebooks(["02"])] == ["02_second"]
     with pytest.raises(ValueError, match="no notebook matches"):
         reports.notebooks(["09"])
+
+
+def test_relative_dataset_paths_are_made_absolute(notebook_dir, tmp_path, monkeypatch, tiny_npz):
+    monkeypatch.chdir(tiny_npz.parent)
+    final = run_reports(tiny_npz.name, kernel="python3", progress=False)
+    assert final.name == "pneumoniamnist"
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["dataset_spec"] == str(tiny_npz.resolve())

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from medlab.npzio import file_sha256
-from medlab.synthetic import SyntheticConfig, ensure_synthetic, generate, generate_split, load_manifest
+from medlab.synthetic import (
+    SyntheticConfig,
+    ensure_synthetic,
+    generate,
+    generate_split,
+    load_manifest,
+)
 
 SMALL = dict(image_size=32, counts=(40, 12, 12))
 
