@@ -76,7 +76,7 @@ def data_benchmark(count: int = 5000, source_size: int = 128, image_size: int = 
         load_dataset(root, image_size=image_size, progress=False)
         reload_rate = count / (time.perf_counter() - started)
 
-        pipeline = make_tf_dataset(dataset.train, dataset.info.task, batch_size=batch_size, shuffle=True)
+        pipeline = make_tf_dataset(dataset.train, dataset.info.num_classes, batch_size=batch_size, shuffle=True)
         for _ in pipeline.take(1):  # build the pipeline once
             pass
         started = time.perf_counter()

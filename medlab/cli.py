@@ -109,7 +109,13 @@ def _run(arguments) -> int:
             print(duplicates.to_string(index=False, max_colwidth=60))
         return 0
     if arguments.command == "reports":
+        import logging
+
         from medlab.reports import run_reports
+
+        # papermill logs each cell's output (per-epoch training lines) at INFO.
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("papermill").setLevel(logging.INFO)
 
         final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
         print(f"report written: {final}/index.html")

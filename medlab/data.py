@@ -796,23 +796,28 @@ def _patient_id(relative_path: str, pattern: str = DEFAULT_PATIENT_PATTERN) -> s
 # --------------------------------------------------------------------------
 
 
-def make_tf_dataset(split: Split, task: str, batch_size: int = 32, shuffle: bool = False,
+def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffle: bool = False,
                     seed: int = config.DEFAULT_SEED, augmentation=None):
     """A ``tf.data`` pipeline over an in-memory split: shuffle, batch, augment, prefetch.
 
-    Yields ``(images float32 in [0, 255], labels)``; labels are float32 for
-    binary tasks (one sigmoid output) and int32 class indices otherwise.
-    ``augmentation`` is a Keras layer (see :mod:`medlab.augment`) applied to
-    training batches only; shuffling is seeded so a rerun sees the same order.
+    Yields ``(images float32 in [0, 255], labels)``. Labels are float32 0/1 for
+    two classes (one sigmoid output) and one-hot float32 rows otherwise
+    (softmax output), which is what the Keras precision, recall and AUC
+    metrics expect. ``augmentation`` is a Keras layer (see :mod:`medlab.augment`)
+    applied to training batches only; shuffling is seeded so a rerun sees the
+    same order.
     """
     import tensorflow as tf
 
-    if task not in {"binary", "multiclass"}:
-        raise ValueError(f"task must be 'binary' or 'multiclass', got {task!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    label_dtype = np.float32 if task == "binary" else np.int32
-    dataset = tf.data.Dataset.from_tensor_slices((split.images, split.labels.astype(label_dtype)))
+    if num_classes == 2:
+        labels = split.labels.astype(np.float32)
+    else:
+        labels = np.eye(num_classes, dtype=np.float32)[split.labels]
+    dataset = tf.data.Dataset.from_tensor_slices((split.images, labels))
     if shuffle:
         dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))

@@ -164,6 +164,22 @@ def plot_image_batch(images: np.ndarray, labels: np.ndarray, class_names: list[s
     return figure
 
 
+def plot_history(history: pd.DataFrame, title: str = "training history"):
+    """Loss, accuracy, recall and ROC-AUC per epoch, training vs validation."""
+    metrics = [m for m in ("loss", "accuracy", "recall", "auc") if m in history and f"val_{m}" in history]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        axis.plot(history.index, history[metric], marker=".", label="train")
+        axis.plot(history.index, history[f"val_{metric}"], marker=".", label="validation")
+        axis.set_title(metric, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def plot_image_size_scatter(dataset: Dataset):
     """Source image sizes (folder data): a note on how much resizing the pipeline does."""
     sizes = dataset.info.source_image_sizes
@@ -181,5 +197,5 @@ def plot_image_size_scatter(dataset: Dataset):
 __all__ = [
     "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
     "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
-    "plot_image_size_scatter",
+    "plot_history", "plot_image_size_scatter",
 ]

@@ -140,7 +140,7 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
         try:
             papermill.execute_notebook(
                 str(notebook), str(output), parameters=passed, kernel_name=kernel,
-                progress_bar=progress, cwd=str(config.NOTEBOOKS_DIR),
+                progress_bar=progress, log_output=progress, cwd=str(config.NOTEBOOKS_DIR),
             )
         except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
             if output.exists():

@@ -24,6 +24,11 @@ SMOKE_PARAMETERS = {
     "image_size": 32,
     "max_images_per_split": 48,
     "seed": 0,
+    "max_epochs": 1,
+    "batch_size": 16,
+    "weights": "none",  # the offline ImageNet path has its own unit test
+    "backbone_size": 32,
+    "fine_tune_layers": 5,
 }
 
 

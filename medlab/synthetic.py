@@ -53,7 +53,7 @@ class SyntheticConfig:
     image_size: int = 64
     counts: tuple[int, int, int] = (1600, 400, 400)  # train, val, test
     seed: int = config.DEFAULT_SEED
-    difficulty: float = 0.5
+    difficulty: float = 0.3
     # Share of each class; None means: binary 40% normal / 60% pneumonia
     # (imbalanced like real pneumonia data), four_class equal shares.
     class_fractions: tuple[float, ...] | None = field(default=None)

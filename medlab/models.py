@@ -1,0 +1,237 @@
+"""Model builders: a CNN from scratch, and transfer models on ImageNet backbones.
+
+Every model takes raw pixels (float, 0-255, with the dataset's own channels)
+and does its own preprocessing, so an exported model cannot be fed the wrong
+scale. Binary tasks end in one sigmoid unit (the probability of the positive,
+diseased class); multi-class tasks in a softmax.
+
+Transfer models are built as **one flat functional graph**: the backbone's
+layers sit directly in ``model.layers`` instead of inside a nested sub-model,
+so Grad-CAM can reach the last convolution from the model's input, and
+fine-tuning can unfreeze individual backbone layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+# Each backbone: its keras.applications constructor, its own preprocess_input
+# module, the smallest input it accepts, and the default size small images are
+# enlarged to (MobileNetV2's ImageNet weights come for 96 px and up).
+BACKBONES = {
+    "mobilenet_v2": ("MobileNetV2", "mobilenet_v2", 32, 96),
+    "vgg16": ("VGG16", "vgg16", 32, 64),
+    "resnet50": ("ResNet50", "resnet", 32, 64),
+    "efficientnet_b0": ("EfficientNetB0", "efficientnet", 32, 64),
+    "densenet121": ("DenseNet121", "densenet", 32, 64),
+}
+HEAD_PREFIX = "medlab_"  # every layer medlab adds around a backbone starts with this
+
+
+@keras.saving.register_keras_serializable(package="medlab")
+class BackbonePreprocessing(layers.Layer):
+    """Applies a backbone's own ``keras.applications.<module>.preprocess_input``.
+
+    MobileNetV2 wants [-1, 1], VGG16/ResNet50 BGR with ImageNet means removed,
+    DenseNet121 ImageNet-standardised RGB, EfficientNet raw 0-255: feeding the
+    wrong one silently ruins pretrained features, so the model carries its own.
+    """
+
+    def __init__(self, backbone: str, **kwargs):
+        super().__init__(**kwargs)
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+        self.backbone = backbone
+
+    def call(self, inputs):
+        module = getattr(keras.applications, BACKBONES[self.backbone][1])
+        return module.preprocess_input(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+def _output_layer(x, num_classes: int):
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if num_classes == 2:
+        return layers.Dense(1, activation="sigmoid", name=f"{HEAD_PREFIX}output")(x)
+    return layers.Dense(num_classes, activation="softmax", name=f"{HEAD_PREFIX}output")(x)
+
+
+def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
+                      training_images: np.ndarray | None = None,
+                      filters: tuple[int, ...] = (32, 64, 128), dense_units: int = 128,
+                      dropout: float = 0.3, block_dropout: float = 0.0, bn_momentum: float = 0.9) -> keras.Model:
+    """Conv-BatchNorm-ReLU-MaxPool-Dropout blocks, global average pooling, a Dense-BN-Dropout head.
+
+    ``training_images`` (uint8 or float, 0-255) adapt the input ``Normalization``
+    layer to the training mean and variance: BatchNorm networks fed raw
+    pixels can collapse to predicting one class. ``bn_momentum`` is 0.9
+    rather than Keras' 0.99 because small datasets give few steps per epoch:
+    with 0.99 the moving statistics that validation uses lag far behind the
+    batch statistics that training sees, and validation predictions collapse
+    to one class for many epochs.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
+    if not filters:
+        raise ValueError("filters needs at least one block")
+    if not 0 <= dropout < 1 or not 0 <= block_dropout < 1:
+        raise ValueError("dropout rates must be in [0, 1)")
+    inputs = keras.Input(shape=input_shape, name="image")
+    normalization = layers.Normalization(axis=None, name="normalization")
+    if training_images is not None:
+        normalization.adapt(np.asarray(training_images, dtype="float32"))
+    else:  # a neutral start when no data is at hand (e.g. building for inspection)
+        normalization.adapt(np.array([0.0, 255.0], dtype="float32"))
+    x = normalization(inputs)
+    for block, width in enumerate(filters, start=1):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, name=f"block{block}_bn")(x)
+        x = layers.Activation("relu", name=f"block{block}_relu")(x)
+        x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        x = layers.Dropout(block_dropout, name=f"block{block}_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(dense_units, use_bias=False, name="head_dense")(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, name="head_bn")(x)
+    x = layers.Activation("relu", name="head_relu")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    return keras.Model(inputs, _output_layer(x, num_classes), name="scratch_cnn")
+
+
+@dataclass
+class TransferInfo:
+    """What happened to the pretrained weights: reports must say so when they are missing."""
+
+    backbone: str
+    weights_requested: str | None
+    pretrained: bool
+    frozen: bool
+    backbone_size: int
+    message: str
+
+
+def build_transfer_model(input_shape: tuple[int, int, int], num_classes: int,
+                         backbone: str = "mobilenet_v2", weights: str | None = "imagenet",
+                         backbone_size: int | None = None, dropout: float = 0.2,
+                         freeze_backbone: bool | None = None) -> tuple[keras.Model, TransferInfo]:
+    """A pretrained backbone with a pooling-dropout-dense head, as one flat graph.
+
+    Args:
+        input_shape: the dataset's (height, width, channels); grayscale inputs
+            are repeated to three channels inside the model.
+        backbone: one of :data:`BACKBONES`.
+        weights: ``"imagenet"`` (Keras downloads into its cache when online and
+            reuses the cache offline), a path to a weights file, or ``None``.
+        backbone_size: side the images are resized to before the backbone
+            (default: the backbone's preferred size for pretrained weights,
+            e.g. 96 px for MobileNetV2; the input size, at least 32 px, otherwise).
+        freeze_backbone: default (None) freezes a pretrained backbone and
+            trains a randomly initialised one, since frozen random features
+            are useless.
+
+    When ImageNet weights cannot be loaded the model is built from random
+    weights, a warning says so, and ``TransferInfo.pretrained`` is False:
+    every report must carry that flag.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+    if weights not in (None, "imagenet") and not Path(weights).exists():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    try:
+        model, size = _assemble(input_shape, num_classes, backbone, weights, backbone_size, dropout)
+        pretrained = weights is not None
+        message = f"{backbone}: weights {weights!r} loaded" if weights else f"{backbone}: weights=None"
+    except Exception as error:  # offline download, corrupt cache, HTTP error ...
+        if weights != "imagenet":
+            raise
+        model, size = _assemble(input_shape, num_classes, backbone, None, backbone_size, dropout)
+        pretrained = False
+        message = (
+            f"ImageNet weights for {backbone} could not be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160]}). The backbone starts FROM RANDOM INITIALISATION and is "
+            "trained from scratch: this is NOT transfer learning. Put the weights file in the Keras cache "
+            "(~/.keras/models/) or pass its path as `weights`."
+        )
+        warnings.warn(message, stacklevel=2)
+    frozen = pretrained if freeze_backbone is None else freeze_backbone
+    for layer in backbone_layers(model):
+        layer.trainable = not frozen
+    if not pretrained and weights is None:
+        message += " (random initialisation requested)"
+    info = TransferInfo(backbone, weights, pretrained, frozen, size, message)
+    return model, info
+
+
+def _assemble(input_shape, num_classes, backbone, weights, backbone_size, dropout) -> tuple[keras.Model, int]:
+    """Inputs -> gray-to-RGB -> resize -> preprocess_input -> backbone -> head; returns (model, backbone size)."""
+    constructor_name, _module, minimum, preferred = BACKBONES[backbone]
+    if backbone_size:
+        size = backbone_size
+    elif weights is not None:
+        size = max(preferred, input_shape[0])
+    else:
+        size = max(minimum, input_shape[0])
+    if size < minimum:
+        raise ValueError(f"{backbone} needs images of at least {minimum} px, got backbone_size={size}")
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = layers.Concatenate(name=f"{HEAD_PREFIX}gray_to_rgb")([x, x, x])
+    if (input_shape[0], input_shape[1]) != (size, size):
+        x = layers.Resizing(size, size, interpolation="bilinear", name=f"{HEAD_PREFIX}resize")(x)
+    x = BackbonePreprocessing(backbone, name=f"{HEAD_PREFIX}preprocess")(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input_shape.*")  # MobileNetV2 size notes
+        base = getattr(keras.applications, constructor_name)(include_top=False, weights=weights, input_tensor=x)
+    features = layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}pool")(base.output)
+    features = layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout")(features)
+    model = keras.Model(inputs, _output_layer(features, num_classes), name=f"transfer_{backbone}")
+    return model, size
+
+
+def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers that came from the pretrained backbone, input to output."""
+    return [layer for layer in model.layers
+            if not layer.name.startswith(HEAD_PREFIX) and not isinstance(layer, keras.layers.InputLayer)]
+
+
+def unfreeze_top_layers(model: keras.Model, count: int) -> int:
+    """Make the top ``count`` backbone layers trainable, keeping BatchNorm frozen.
+
+    Frozen BatchNormalization layers run in inference mode in Keras 3, so
+    their ImageNet statistics are not overwritten by small fine-tuning
+    batches. Returns the number of layers with weights that became trainable; recompile
+    the model (with a low learning rate) afterwards.
+    """
+    if count < 0:
+        raise ValueError(f"count must be non-negative, got {count}")
+    candidates = backbone_layers(model)
+    for layer in candidates:
+        layer.trainable = False
+    unfrozen = 0
+    for layer in candidates[len(candidates) - count:] if count else []:
+        if isinstance(layer, layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        unfrozen += bool(layer.weights)
+    return unfrozen
+
+
+def last_conv_layer_name(model: keras.Model) -> str:
+    """The last layer with a 4D output that is a convolution: Grad-CAM's default target."""
+    for layer in reversed(model.layers):
+        if isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)):
+            return layer.name
+    raise ValueError(f"model {model.name} has no convolution layer")
+
+
+def count_trainable_layers(model: keras.Model) -> int:
+    return sum(1 for layer in model.layers if layer.trainable and layer.weights)

@@ -1,0 +1,254 @@
+"""Training: seeds and determinism, compilation, callbacks, fit, predictions.
+
+One call, :func:`train_model`, does what every training notebook needs:
+class-weighted ``model.fit`` with a checkpoint of the best epoch (``.keras``),
+early stopping that restores the best weights (BatchNorm statistics
+included), a learning-rate schedule on plateaus, and a CSV log. Everything it
+writes goes into one model folder under the run folder, where the evaluation
+and export lessons find it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from medlab import config
+from medlab.data import Dataset, Split, make_tf_dataset
+
+
+def set_determinism(seed: int = config.DEFAULT_SEED) -> None:
+    """Seed Python, NumPy and TensorFlow, and ask TensorFlow for deterministic kernels.
+
+    With the same seed, data and machine, two runs give the same weights.
+    (Different CPUs or thread counts may still differ in the last digits.)
+    """
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def get_strategy(kind: str = "auto") -> tf.distribute.Strategy:
+    """The distribution strategy to build and train the model under.
+
+    ``"auto"``: ``MirroredStrategy`` when more than one GPU is visible, else the
+    default (single-device) strategy. ``"mirrored"``: ``MirroredStrategy`` over
+    every GPU, or over every logical CPU device when there is no GPU (how the
+    tests exercise it). ``"default"``: always one device.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "default" or (kind == "auto" and len(gpus) < 2):
+        return tf.distribute.get_strategy()
+    if kind in {"auto", "mirrored"}:
+        devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    raise ValueError(f"strategy must be 'auto', 'mirrored' or 'default', got {kind!r}")
+
+
+def compile_model(model: keras.Model, num_classes: int, learning_rate: float = 1e-3) -> keras.Model:
+    """Adam, the right cross-entropy, and accuracy, precision, recall, ROC-AUC and PR-AUC."""
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    loss = "binary_crossentropy" if num_classes == 2 else "categorical_crossentropy"
+    accuracy = keras.metrics.BinaryAccuracy(name="accuracy") if num_classes == 2 else \
+        keras.metrics.CategoricalAccuracy(name="accuracy")
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=loss,
+        metrics=[
+            accuracy,
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.AUC(curve="PR", name="pr_auc"),
+        ],
+    )
+    return model
+
+
+@dataclass
+class TrainConfig:
+    """The knobs every training notebook exposes as parameters."""
+
+    max_epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    monitor: str = "auc"  # validation metric that picks the checkpoint (val_<monitor>)
+    early_stopping_patience: int = 6
+    reduce_lr_patience: int = 3
+    class_weighting: bool = True
+    seed: int = config.DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1 or self.batch_size < 1:
+            raise ValueError("max_epochs and batch_size must be positive")
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Re-estimate BatchNorm statistics with the current weights before each validation.
+
+    During training, BatchNorm normalises with each batch's own statistics
+    and keeps an exponential moving average for inference. On small datasets
+    (tens of steps per epoch) while the weights still move fast, that average
+    lags behind: here it made a scratch CNN that was 90% accurate in training
+    mode only 60% accurate in inference mode, on its own training images, and
+    validation swung from epoch to epoch. "Precise BN" (Wu and Johnson,
+    *Rethinking "Batch" in BatchNorm*, 2021) fixes it by averaging the
+    statistics of a few clean training batches under the current weights, so
+    validation, checkpoints and early stopping see the model as it will be used.
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int = 64, max_batches: int = 16,
+                 seed: int = config.DEFAULT_SEED):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        count = min(len(images), batch_size * max_batches)
+        chosen = np.sort(rng.choice(len(images), size=count, replace=False))
+        self.batches = [images[chosen[i:i + batch_size]].astype("float32") for i in range(0, count, batch_size)]
+
+    def recalibrate(self) -> None:
+        layers = [layer for layer in self.model.layers
+                  if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+        if not layers:
+            return
+        momenta = [layer.momentum for layer in layers]
+        for step, batch in enumerate(self.batches, start=1):
+            for layer in layers:  # moving = running mean of the batches seen so far
+                layer.momentum = (step - 1) / step
+            self.model(batch, training=True)
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+    def on_test_begin(self, logs=None):
+        self.recalibrate()
+
+
+def make_callbacks(model_dir: Path, cfg: TrainConfig, training_images: np.ndarray | None = None
+                   ) -> list[keras.callbacks.Callback]:
+    """Precise BatchNorm statistics, best-epoch checkpoint, early stopping, LR schedule, CSV log."""
+    monitor = f"val_{cfg.monitor}"
+    mode = "min" if cfg.monitor == "loss" else "max"
+    precise = [] if training_images is None else [
+        PreciseBatchNorm(training_images, batch_size=cfg.batch_size, seed=cfg.seed)]
+    return precise + [
+        keras.callbacks.ModelCheckpoint(model_dir / "best.keras", monitor=monitor, mode=mode,
+                                        save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.early_stopping_patience,
+                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=cfg.reduce_lr_patience,
+                                          min_lr=1e-6),
+        keras.callbacks.CSVLogger(model_dir / "history.csv"),
+    ]
+
+
+def model_dir_for(run_dir: str | Path | None, dataset: str, name: str) -> Path:
+    """``<run_dir>/models/<name>``; outside ``make reports``, ``reports/interactive/<dataset>/models/<name>``."""
+    from medlab.reports import run_name
+
+    base = Path(run_dir) if run_dir else config.reports_dir() / "interactive" / run_name(dataset)
+    path = base / "models" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
+                augmentation=None, verbose: int = 2) -> pd.DataFrame:
+    """Fit ``model`` (already compiled) on ``dataset``; return the history as a table.
+
+    Writes ``best.keras`` (the checkpoint of the best validation epoch),
+    ``history.csv`` and ``training.json`` (configuration, epochs, wall time)
+    into ``model_dir``. ``verbose=2`` prints one line per epoch.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = dataset.info.num_classes
+    train_data = make_tf_dataset(dataset.train, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                 augmentation=augmentation)
+    val_data = make_tf_dataset(dataset.val, num_classes, cfg.batch_size)
+    class_weight = dataset.class_weights() if cfg.class_weighting else None
+    started = time.perf_counter()
+    history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs,
+                        callbacks=make_callbacks(model_dir, cfg, dataset.train.images), class_weight=class_weight, verbose=verbose,
+                        shuffle=False)  # the tf.data pipeline shuffles, seeded
+    seconds = time.perf_counter() - started
+    table = pd.DataFrame(history.history)
+    table.index = pd.RangeIndex(1, len(table) + 1, name="epoch")
+    monitor = f"val_{cfg.monitor}"
+    best_epoch = int(table[monitor].idxmin() if cfg.monitor == "loss" else table[monitor].idxmax())
+    summary = {
+        "config": asdict(cfg),
+        "class_weight": class_weight,
+        "epochs_run": len(table),
+        "best_epoch": best_epoch,
+        f"best_{monitor}": float(table.loc[best_epoch, monitor]),
+        "train_seconds": round(seconds, 1),
+        "parameters": int(model.count_params()),
+    }
+    (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return table
+
+
+def predict(model: keras.Model, split: Split, batch_size: int = 256) -> np.ndarray:
+    """Probabilities: shape (N,) of the positive class for binary models, (N, C) otherwise."""
+    probabilities = model.predict(split.images.astype("float32"), batch_size=batch_size, verbose=0)
+    return probabilities[:, 0] if probabilities.shape[1] == 1 else probabilities
+
+
+def save_predictions(model_dir: str | Path, split_name: str, split: Split, probabilities: np.ndarray,
+                     class_names: list[str]) -> Path:
+    """``predictions_<split>.csv``: id, true label, and one probability column per class."""
+    table = pd.DataFrame({"id": split.ids, "label": split.labels})
+    if probabilities.ndim == 1:
+        table[f"p_{class_names[0]}"] = 1.0 - probabilities
+        table[f"p_{class_names[1]}"] = probabilities
+    else:
+        for index, name in enumerate(class_names):
+            table[f"p_{name}"] = probabilities[:, index]
+    path = Path(model_dir) / f"predictions_{split_name}.csv"
+    table.to_csv(path, index=False, float_format="%.6f")
+    return path
+
+
+def evaluate_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC-AUC with scikit-learn (one-vs-rest macro average for multi-class)."""
+    from sklearn.metrics import roc_auc_score
+
+    if probabilities.ndim == 1:
+        return float(roc_auc_score(labels, probabilities))
+    return float(roc_auc_score(labels, probabilities, multi_class="ovr"))
+
+
+def summarise_model(model_dir: str | Path, dataset: Dataset, extra: dict | None = None) -> dict:
+    """Load the best checkpoint, save validation/test predictions, and summarise them.
+
+    The returned dict (also written as ``summary.json``) holds validation and
+    test ROC-AUC, validation recall at 0.5, the training summary and
+    ``extra`` (e.g. whether ImageNet weights were used). Decision thresholds
+    are chosen later, on validation data only (lesson 06).
+    """
+    import medlab.models  # noqa: F401  (registers medlab's custom layers for loading)
+
+    model_dir = Path(model_dir)
+    model = keras.saving.load_model(model_dir / "best.keras")
+    summary = {"model": model.name, **(extra or {})}
+    for split_name in ("val", "test"):
+        split = dataset.splits[split_name]
+        probabilities = predict(model, split)
+        save_predictions(model_dir, split_name, split, probabilities, dataset.info.class_names)
+        summary[f"{split_name}_auc"] = round(evaluate_auc(split.labels, probabilities), 4)
+        predicted = (probabilities >= 0.5).astype(int) if probabilities.ndim == 1 else probabilities.argmax(axis=1)
+        summary[f"{split_name}_accuracy_at_0.5"] = round(float((predicted == split.labels).mean()), 4)
+        if probabilities.ndim == 1:
+            positives = split.labels == 1
+            summary[f"{split_name}_recall_at_0.5"] = round(float(predicted[positives].mean()), 4)
+    training = model_dir / "training.json"
+    if training.exists():
+        summary["training"] = json.loads(training.read_text())
+    (model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,133 @@
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras.src.legacy.saving import legacy_h5_format
+
+from medlab import models
+from medlab.models import (
+    BACKBONES,
+    backbone_layers,
+    build_scratch_cnn,
+    build_transfer_model,
+    count_trainable_layers,
+    last_conv_layer_name,
+    unfreeze_top_layers,
+)
+
+
+@pytest.mark.parametrize("num_classes,units,activation", [(2, 1, "sigmoid"), (4, 4, "softmax")])
+def test_scratch_cnn_head(num_classes, units, activation):
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+    model = build_scratch_cnn((32, 32, 1), num_classes, images)
+    assert model.output_shape == (None, units)
+    assert model.layers[-1].activation.__name__ == activation
+    assert last_conv_layer_name(model) == "block3_conv"
+    normalized = model.get_layer("normalization")(images).numpy()
+    assert abs(normalized.mean()) < 1e-3 and abs(normalized.std() - 1) < 1e-2  # adapted to the training data
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [32, 64, 128]
+
+
+def test_scratch_cnn_width_and_depth_are_parameters():
+    model = build_scratch_cnn((32, 32, 3), 3, filters=(8, 16), dense_units=16, dropout=0.1)
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [8, 16]
+    with pytest.raises(ValueError):
+        build_scratch_cnn((32, 32), 2)
+    with pytest.raises(ValueError):
+        build_scratch_cnn((32, 32, 1), 1)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_transfer_models_are_flat_frozen_and_unfreezable(backbone):
+    model, info = build_transfer_model((28, 28, 1), 4, backbone=backbone, weights=None, backbone_size=32,
+                                       freeze_backbone=True)
+    assert not info.pretrained and info.frozen and info.backbone_size == 32
+    assert model.output_shape == (None, 4) and model.layers[-1].activation.__name__ == "softmax"
+    assert count_trainable_layers(model) == 1  # only the new output layer learns
+    # Flat graph: the last convolution is a layer of the model itself, reachable from its input.
+    conv_name = last_conv_layer_name(model)
+    probe = keras.Model(model.inputs, [model.get_layer(conv_name).output, model.output])
+    feature_maps, predictions = probe([np.zeros((2, 28, 28, 1), "float32")])
+    assert feature_maps.shape[0] == 2 and predictions.shape == (2, 4)
+    unfrozen = unfreeze_top_layers(model, 12)
+    assert 0 < unfrozen <= 12
+    assert count_trainable_layers(model) == 1 + unfrozen
+    top = backbone_layers(model)[-12:]
+    assert all(not layer.trainable for layer in top if isinstance(layer, keras.layers.BatchNormalization))
+    unfreeze_top_layers(model, 0)
+    assert count_trainable_layers(model) == 1
+
+
+def test_binary_transfer_model_has_one_sigmoid():
+    model, _ = build_transfer_model((32, 32, 3), 2, weights=None, backbone_size=32)
+    assert model.output_shape == (None, 1) and model.layers[-1].activation.__name__ == "sigmoid"
+
+
+def test_each_backbone_gets_its_own_preprocessing():
+    pixels = np.full((1, 4, 4, 3), 255.0, "float32")
+    mobilenet = models.BackbonePreprocessing("mobilenet_v2")(pixels).numpy()
+    vgg = models.BackbonePreprocessing("vgg16")(pixels).numpy()
+    np.testing.assert_allclose(mobilenet, 1.0)  # scaled to [-1, 1]
+    np.testing.assert_allclose(vgg[0, 0, 0], [255 - 103.939, 255 - 116.779, 255 - 123.68], rtol=1e-5)  # BGR, means
+    with pytest.raises(ValueError):
+        models.BackbonePreprocessing("alexnet")
+
+
+@pytest.fixture
+def keras_cache(tmp_path, monkeypatch):
+    """A private, empty Keras cache (what ~/.keras is on a fresh machine)."""
+    monkeypatch.setattr(keras.src.backend.config, "_KERAS_DIR", str(tmp_path / "keras"))
+    return tmp_path / "keras"
+
+
+def test_offline_without_cached_weights_falls_back_loudly(keras_cache, monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "get_file", offline)
+    with pytest.warns(UserWarning, match="FROM RANDOM INITIALISATION"):
+        model, info = build_transfer_model((32, 32, 1), 2, backbone="mobilenet_v2", weights="imagenet",
+                                           backbone_size=32)
+    assert info.pretrained is False and "could not be loaded" in info.message
+    assert model.output_shape == (None, 1)
+    # Frozen random features are useless: without pretrained weights the backbone trains.
+    assert not info.frozen and count_trainable_layers(model) > 50
+
+
+def test_cached_imagenet_weights_are_used_offline(keras_cache, monkeypatch):
+    requested = []
+    real_get_file = keras.src.utils.file_utils.get_file
+
+    def no_network(fname=None, origin=None, **kwargs):
+        requested.append(fname)
+        if not (keras_cache / "models" / fname).exists():
+            raise Exception("URL fetch failure (offline test)")
+        return real_get_file(fname, origin, **{**kwargs, "file_hash": None})
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "get_file", no_network)
+    with pytest.warns(UserWarning):
+        build_transfer_model((32, 32, 1), 2, backbone="mobilenet_v2", weights="imagenet", backbone_size=32)
+    # Plant "ImageNet" weights (here: a seeded random network) where Keras looks for them.
+    keras.utils.set_random_seed(7)
+    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    (keras_cache / "models").mkdir(parents=True, exist_ok=True)
+    with h5py.File(keras_cache / "models" / requested[0], "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, reference)
+    model, info = build_transfer_model((32, 32, 1), 2, backbone="mobilenet_v2", weights="imagenet",
+                                       backbone_size=32)
+    assert info.pretrained is True and info.frozen and count_trainable_layers(model) == 1
+    np.testing.assert_allclose(model.get_layer("Conv1").get_weights()[0], reference.get_layer("Conv1").get_weights()[0])
+    # The same file passed as a path works too.
+    model, info = build_transfer_model((32, 32, 1), 2, weights=str(keras_cache / "models" / requested[0]),
+                                       backbone_size=32)
+    assert info.pretrained is True
+    with pytest.raises(FileNotFoundError):
+        build_transfer_model((32, 32, 1), 2, weights="/no/such/file.h5")
+
+
+def test_saved_transfer_model_loads_with_its_custom_layer(tmp_path):
+    model, _ = build_transfer_model((28, 28, 1), 2, weights=None, backbone_size=32)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    batch = np.random.default_rng(0).uniform(0, 255, (3, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from medlab.augment import build_augmentation
+from medlab.data import load_dataset
+from medlab.models import build_scratch_cnn
+from medlab.train import (
+    PreciseBatchNorm,
+    TrainConfig,
+    compile_model,
+    get_strategy,
+    make_callbacks,
+    set_determinism,
+    summarise_model,
+    train_model,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_dataset("synthetic", image_size=32, max_images_per_split=48, seed=0, progress=False)
+
+
+def _one_epoch(dataset, folder, seed=0):
+    set_determinism(seed)
+    model = build_scratch_cnn((32, 32, 1), 2, dataset.train.images, filters=(8, 16), dense_units=8)
+    compile_model(model, 2, 1e-3)
+    history = train_model(model, dataset, folder, TrainConfig(max_epochs=1, batch_size=16, seed=seed),
+                          augmentation=build_augmentation(seed=seed), verbose=0)
+    return model, history
+
+
+def test_two_runs_with_the_same_seed_give_the_same_weights(tiny, tmp_path):
+    first, history_one = _one_epoch(tiny, tmp_path / "one")
+    second, history_two = _one_epoch(tiny, tmp_path / "two")
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    pd.testing.assert_frame_equal(history_one, history_two)
+    third, _ = _one_epoch(tiny, tmp_path / "three", seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), third.get_weights()))
+
+
+def test_training_writes_checkpoint_history_and_summary(tiny, tmp_path):
+    _model, history = _one_epoch(tiny, tmp_path)
+    assert {"loss", "val_loss", "val_auc", "val_recall", "val_pr_auc", "val_precision"} <= set(history.columns)
+    assert (tmp_path / "best.keras").exists() and (tmp_path / "history.csv").exists()
+    training = json.loads((tmp_path / "training.json").read_text())
+    assert training["epochs_run"] == 1 and training["class_weight"]["0"] > training["class_weight"]["1"]
+    summary = summarise_model(tmp_path, tiny, {"pretrained": False})
+    assert 0.0 <= summary["val_auc"] <= 1.0 and summary["pretrained"] is False
+    predictions = pd.read_csv(tmp_path / "predictions_test.csv")
+    assert list(predictions.columns) == ["id", "label", "p_normal", "p_pneumonia"]
+    assert len(predictions) == 48
+    np.testing.assert_allclose(predictions["p_normal"] + predictions["p_pneumonia"], 1.0, atol=1e-5)
+
+
+def test_callbacks_are_wired_as_documented(tmp_path):
+    precise, checkpoint, early, reduce, logger = make_callbacks(tmp_path, TrainConfig(monitor="auc"), np.zeros((4, 8, 8, 1)))
+    assert isinstance(precise, PreciseBatchNorm)
+    assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
+    assert checkpoint.monitor == "val_auc" and checkpoint.save_best_only and str(checkpoint.filepath).endswith(".keras")
+    assert early.monitor == "val_loss" and early.restore_best_weights
+    assert isinstance(reduce, keras.callbacks.ReduceLROnPlateau) and reduce.monitor == "val_loss"
+    assert isinstance(logger, keras.callbacks.CSVLogger)
+
+
+def test_multiclass_compiles_with_categorical_loss():
+    model = compile_model(build_scratch_cnn((32, 32, 1), 4, filters=(8,)), 4)
+    assert model.loss == "categorical_crossentropy"
+    with pytest.raises(ValueError):
+        compile_model(model, 4, learning_rate=0)
+    with pytest.raises(ValueError):
+        get_strategy("bogus")
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    script = textwrap.dedent("""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from medlab.data import load_dataset
+        from medlab.models import build_scratch_cnn
+        from medlab.train import TrainConfig, compile_model, get_strategy, train_model
+        data = load_dataset("synthetic", image_size=32, max_images_per_split=32, progress=False)
+        strategy = get_strategy("mirrored")
+        with strategy.scope():
+            model = compile_model(build_scratch_cnn((32, 32, 1), 2, data.train.images, filters=(8,)), 2)
+        history = train_model(model, data, r"%s", TrainConfig(max_epochs=1, batch_size=16), verbose=0)
+        print("REPLICAS", strategy.num_replicas_in_sync, "EPOCHS", len(history))
+    """ % tmp_path)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "REPLICAS 2 EPOCHS 1" in result.stdout, result.stderr[-2000:]
