@@ -39,6 +39,15 @@ def _show(axis, image: np.ndarray, title: str | None = None) -> None:
         axis.set_title(title, fontsize=8)
 
 
+def _image_grid(count: int, columns: int):
+    """A figure with ``count`` small image panels, ``columns`` per row, axes switched off; axes come flat."""
+    rows = max(1, int(np.ceil(count / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 1.9 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    return figure, axes.ravel()
+
+
 def synthetic_banner(figure, dataset: Dataset) -> None:
     """Stamp 'SYNTHETIC DATA' on figures made from generated images."""
     if dataset.info.synthetic:
@@ -154,11 +163,8 @@ def plot_augmentation_grid(images: np.ndarray, augmentations: dict, draws: int =
 
 def plot_image_batch(images: np.ndarray, labels: np.ndarray, class_names: list[str], columns: int = 8):
     """A batch as the model sees it (float pixels in [0, 255]), titled with each image's class."""
-    rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, label in zip(axes.ravel(), np.clip(images, 0, 255), labels):
+    figure, axes = _image_grid(len(images), columns)
+    for axis, image, label in zip(axes, np.clip(images, 0, 255), labels):
         _show(axis, image, class_names[int(label)])
     figure.tight_layout()
     return figure
@@ -194,8 +200,145 @@ def plot_image_size_scatter(dataset: Dataset):
     return figure
 
 
+# --------------------------------------------------------------------------
+# Evaluation figures (lesson 06)
+# --------------------------------------------------------------------------
+
+
+def plot_confusion_matrices(model, threshold: float | None = None):
+    """Counts and row-normalised confusion matrices on the test set (sklearn's ConfusionMatrixDisplay)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    labels = model.test_labels
+    if model.binary:
+        predicted = (model.test_probabilities >= threshold).astype(int)
+        subtitle = f"threshold {threshold:.3f} (frozen on validation)"
+    else:
+        predicted = model.test_probabilities.argmax(axis=1)
+        subtitle = "most probable class"
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    indices = list(range(len(model.class_names)))
+    for axis, normalize, title in ((axes[0], None, "counts"), (axes[1], "true", "row-normalised (recall)")):
+        ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=indices, display_labels=model.class_names,
+                                                normalize=normalize, ax=axis, colorbar=False, cmap="Blues",
+                                                values_format=".2f" if normalize else "d")
+        axis.set_title(title, fontsize=10)
+    figure.suptitle(f"{model.name}: test set, {subtitle}", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def plot_curves(model, threshold: float | None = None):
+    """ROC, precision-recall, and recall/precision against the threshold, with the operating point marked."""
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay, precision_recall_curve
+
+    labels, probabilities = model.test_labels, model.test_probabilities
+    if not model.binary:  # one-vs-rest curves, one per class
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for index, name in enumerate(model.class_names):
+            RocCurveDisplay.from_predictions(labels == index, probabilities[:, index], name=name, ax=axes[0])
+            PrecisionRecallDisplay.from_predictions(labels == index, probabilities[:, index], name=name, ax=axes[1])
+        axes[0].set_title("ROC (one-vs-rest)", fontsize=10)
+        axes[1].set_title("precision-recall (one-vs-rest)", fontsize=10)
+        figure.suptitle(f"{model.name}: test set", fontsize=10)
+        figure.tight_layout()
+        return figure
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    RocCurveDisplay.from_predictions(labels, probabilities, name=model.name, ax=axes[0], plot_chance_level=True)
+    PrecisionRecallDisplay.from_predictions(labels, probabilities, name=model.name, ax=axes[1],
+                                            plot_chance_level=True)
+    precision, recall, thresholds = precision_recall_curve(labels, probabilities)
+    axes[2].plot(thresholds, recall[:-1], label="recall (sensitivity)")
+    axes[2].plot(thresholds, precision[:-1], label="precision")
+    if threshold is not None:
+        predicted = probabilities >= threshold
+        tpr = predicted[labels == 1].mean()
+        fpr = predicted[labels == 0].mean()
+        hits = predicted[labels == 1].sum()
+        ppv = hits / max(predicted.sum(), 1)
+        axes[0].plot(fpr, tpr, "o", color="crimson", label=f"operating point ({threshold:.3f})")
+        axes[1].plot(tpr, ppv, "o", color="crimson", label="operating point")
+        axes[2].axvline(threshold, color="crimson", linestyle="--", label="frozen threshold")
+        axes[0].legend(fontsize=8, loc="lower right")
+        axes[1].legend(fontsize=8, loc="lower left")
+    axes[2].set_xlabel("threshold")
+    axes[2].set_title("recall and precision against the threshold", fontsize=10)
+    axes[2].legend(fontsize=8)
+    axes[2].grid(alpha=0.3)
+    figure.suptitle(f"{model.name}: test set", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def plot_reliability(models, bins: int = 10):
+    """Reliability diagram of every binary model on the test set (sklearn's CalibrationDisplay)."""
+    from sklearn.calibration import CalibrationDisplay
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for model in models:
+        CalibrationDisplay.from_predictions(model.test_labels, model.test_probabilities, n_bins=bins,
+                                            name=model.name, ax=axis)
+    axis.set_title("reliability on the test set", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def gallery_indices(labels: np.ndarray, predicted: np.ndarray, per_group: int = 8, seed: int = 0) -> dict:
+    """Indices of up to ``per_group`` true positives, false negatives and false positives (binary)."""
+    rng = np.random.default_rng(seed)
+    labels, predicted = np.asarray(labels).astype(bool), np.asarray(predicted).astype(bool)
+    groups = {"true positive": labels & predicted, "false negative": labels & ~predicted,
+              "false positive": ~labels & predicted}
+    chosen = {}
+    for name, members in groups.items():
+        candidates = np.nonzero(members)[0]
+        chosen[name] = np.sort(rng.choice(candidates, size=min(per_group, len(candidates)), replace=False))
+    return chosen
+
+
+def plot_error_gallery(split: Split, labels: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray,
+                       class_names: list[str], per_group: int = 8, seed: int = 0):
+    """Test images the model got wrong: false negatives and false positives (or any error, multi-class)."""
+    if probabilities.ndim == 1:
+        groups = gallery_indices(labels, predicted, per_group, seed)
+        groups.pop("true positive")
+        score = probabilities
+    else:
+        wrong = np.nonzero(np.asarray(predicted) != np.asarray(labels))[0]
+        rng = np.random.default_rng(seed)
+        groups = {"misclassified": np.sort(rng.choice(wrong, size=min(2 * per_group, len(wrong)), replace=False))}
+        score = probabilities.max(axis=1)
+    rows = max(1, len(groups))
+    figure, axes = plt.subplots(rows, per_group * (1 if probabilities.ndim == 1 else 2),
+                                figsize=(1.7 * per_group * (1 if probabilities.ndim == 1 else 2), 2.0 * rows),
+                                squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for row, (name, indices) in enumerate(groups.items()):
+        axes[row, 0].set_title(name, fontsize=9, loc="left")
+        for column, index in enumerate(indices):
+            title = (f"p={score[index]:.2f}" if probabilities.ndim == 1 else
+                     f"{class_names[labels[index]]}->{class_names[predicted[index]]}")
+            _show(axes[row, column], split.images[index], title if column else f"{name}\n{title}")
+        if len(indices) == 0:
+            axes[row, 0].text(0, 0.5, f"no {name}s", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def plot_gradcam_gallery(images: np.ndarray, heatmaps: np.ndarray, titles: list[str], columns: int = 8):
+    """Each image with its Grad-CAM heatmap overlaid (jet colour map, half transparent)."""
+    figure, axes = _image_grid(len(images), columns)
+    for axis, image, heatmap, title in zip(axes, images, heatmaps, titles):
+        _show(axis, image, title)
+        axis.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    figure.tight_layout()
+    return figure
+
+
 __all__ = [
     "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
     "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
-    "plot_history", "plot_image_size_scatter",
+    "plot_history", "plot_image_size_scatter", "plot_confusion_matrices", "plot_curves", "plot_reliability",
+    "gallery_indices", "plot_error_gallery", "plot_gradcam_gallery",
 ]

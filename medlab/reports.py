@@ -123,13 +123,19 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     staging = reports_dir / f".{name}.staging"
     failed = reports_dir / f"{name}.failed"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     parameters = dict(parameters or {})
     chosen = notebooks(selection)
     if not chosen:
         raise ReportError(f"no notebooks found in {config.NOTEBOOKS_DIR}")
     timings: dict[str, float] = {}
     used_parameters: dict[str, dict] = {}
+    if selection and final.exists():
+        # A partial run (e.g. only 06) builds on the complete report: its models, records, timings.
+        shutil.copytree(final, staging, symlinks=True)
+        previous = json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").exists() else {}
+        timings.update(previous.get("notebook_wall_time_s", {}))
+        used_parameters.update(previous.get("parameters", {}))
+    staging.mkdir(parents=True, exist_ok=True)
     for notebook in chosen:
         declared = papermill.inspect_notebook(str(notebook))
         given = {"dataset": dataset, "run_dir": str(staging.resolve()), **parameters}
@@ -162,6 +168,7 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     metrics = _collect_metrics(staging, dataset, name, timings, used_parameters)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (staging / "index.html").write_text(_index_html(staging, metrics), encoding="utf-8")
+    (staging / "model_card.md").write_text(model_card(metrics), encoding="utf-8")
     _swap_into_place(staging, final)
     shutil.rmtree(failed, ignore_errors=True)
     return final
@@ -183,6 +190,82 @@ def _collect_metrics(run_dir: Path, dataset: str, name: str, timings: dict, para
                     "cpu_count": _cpu_count()},
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+HEADLINE_METRICS = ("roc_auc", "recall", "specificity", "precision", "accuracy")
+
+
+def headline_rows(metrics: dict) -> list[dict]:
+    """Per model: test metrics at the frozen threshold with 95% CIs, from notebook 06's record."""
+    evaluation = metrics.get("records", {}).get("evaluation") or {}
+    rows = []
+    for name, result in (evaluation.get("models") or {}).items():
+        row = {"model": name, "pretrained": result.get("pretrained"), "threshold": result.get("threshold")}
+        for key in HEADLINE_METRICS:
+            if key in result.get("test", {}):
+                low, high = result.get("test_ci95", {}).get(key, (None, None))
+                row[key] = (result["test"][key], low, high)
+        rows.append(row)
+    return rows
+
+
+def _format(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, tuple):
+        point, low, high = value
+        return f"{point:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def model_card(metrics: dict) -> str:
+    """A markdown model card written from the same numbers as metrics.json."""
+    dataset = metrics.get("dataset") or {}
+    evaluation = metrics.get("records", {}).get("evaluation") or {}
+    rows = headline_rows(metrics)
+    lines = [f"# Model card: {metrics['run']}", ""]
+    if dataset.get("synthetic"):
+        lines += ["> **Synthetic data.** Every number below comes from generated phantoms, not patients.", ""]
+    lines += [
+        "## Intended use",
+        "Teaching and research on medical image classification. **Not for clinical use.**", "",
+        "## Data",
+        f"- dataset: `{metrics['dataset_spec']}` ({dataset.get('kind', '?')}, {dataset.get('task', '?')}), "
+        f"classes {dataset.get('class_names')}",
+        f"- sha256: `{dataset.get('sha256', '?')}`; licence: {dataset.get('licence', '?')}",
+        f"- images per split: {json.dumps(dataset.get('counts', {}))}", "",
+        "## Models and test results",
+    ]
+    if rows:
+        header = ["model", "pretrained", "threshold", *HEADLINE_METRICS]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_format(row.get(key, "")) for key in header) + " |" for row in rows]
+        lines += [
+            "",
+            f"Thresholds were chosen on the validation split for recall >= {evaluation.get('target_recall')} "
+            "and frozen before the test split was read; brackets are stratified bootstrap 95% intervals.",
+            f"Best model by validation AUC: `{evaluation.get('best_model_by_val_auc')}`.",
+        ]
+        if any(row.get("pretrained") is False for row in rows):
+            lines += ["", "**pretrained: false** for the transfer models: ImageNet weights were not available, "
+                      "so their backbones were trained from random initialisation. This is not transfer learning."]
+        gradcam = evaluation.get("gradcam") or {}
+        if "pointing_game" in gradcam:
+            pointing = gradcam["pointing_game"]
+            lines += ["", f"Grad-CAM pointing game ({gradcam['model']}): {pointing['hit_rate']:.2f} of "
+                      f"{pointing['images']} diseased test images have their heatmap peak inside the lesion; "
+                      f"chance is {pointing['chance']:.3f} (the mean share of the image the lesion covers, "
+                      f"grown by {pointing.get('tolerance_px', 0)} px as the heatmap peak is allowed to be)."]
+    else:
+        lines += ["No evaluation record in this run (notebook 06 did not run)."]
+    lines += [
+        "", "## Reproduce",
+        f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "
+        f"(seeded; versions in metrics.json).", "",
+    ]
+    return "\n".join(lines)
 
 
 def _cpu_count() -> int:
@@ -219,6 +302,18 @@ def _index_html(run_dir: Path, metrics: dict) -> str:
         for split, per_class in counts.items()
     )
     class_header = "".join(f"<th>{escape(c)}</th>" for c in dataset.get("class_names", []))
+    rows_data = headline_rows(metrics)
+    headline = ""
+    if rows_data:
+        keys = ["model", "pretrained", "threshold", *HEADLINE_METRICS]
+        body = "".join(
+            "<tr>" + "".join(
+                f"<td class='{'warn' if key == 'pretrained' and row.get(key) is False else ''}'>"
+                f"{escape(_format(row.get(key, '')))}</td>" for key in keys) + "</tr>"
+            for row in rows_data)
+        headline = ("<h2>Test results at the validation-frozen threshold (95% CI)</h2><table><tr>"
+                    + "".join(f"<th>{escape(k)}</th>" for k in keys) + f"</tr>{body}</table>"
+                    "<p>See <a href='model_card.md'>the model card</a>.</p>")
     figures = "".join(
         f"<figure><a href='figures/{escape(p.name)}'><img src='figures/{escape(p.name)}' loading='lazy'></a>"
         f"<figcaption>{escape(p.stem)}</figcaption></figure>"
@@ -232,7 +327,7 @@ table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ border: 1px sol
 .synthetic {{ background: #fde8e8; color: #9b1c1c; font-weight: bold; padding: .6rem; border-radius: 4px; }}
 figure {{ display: inline-block; width: 250px; margin: .4rem; vertical-align: top; }}
 figure img {{ width: 100%; border: 1px solid #ddd; }} figcaption {{ font-size: .8rem; }}
-code {{ background: #f4f4f4; padding: 0 .2rem; }}
+code {{ background: #f4f4f4; padding: 0 .2rem; }} td.warn {{ background: #fde8e8; color: #9b1c1c; font-weight: bold; }}
 </style></head><body>
 <h1>medlab report: {escape(metrics['run'])}</h1>
 {banner}
@@ -241,6 +336,7 @@ code {{ background: #f4f4f4; padding: 0 .2rem; }}
 {escape(' x '.join(map(str, dataset.get('image_size', []))))} px, {dataset.get('channels', '?')} channel(s)),
 sha256 <code>{escape(str(dataset.get('sha256', '?')))}</code>, licence: {escape(str(dataset.get('licence', '?')))}.</p>
 <table><tr><th>split</th>{class_header}</tr>{count_rows}</table>
+{headline}
 <h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>rendered</th><th>executed</th><th>wall time</th></tr>{rows}</table>
 <p>Commit <code>{escape(metrics['git_commit'])}</code>, generated {escape(metrics['generated_at'])};

@@ -29,6 +29,9 @@ SMOKE_PARAMETERS = {
     "weights": "none",  # the offline ImageNet path has its own unit test
     "backbone_size": 32,
     "fine_tune_layers": 5,
+    "bootstrap_resamples": 50,
+    "gradcam_images": 8,
+    "gallery_size": 4,
 }
 
 

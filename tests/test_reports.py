@@ -79,3 +79,33 @@ def test_relative_dataset_paths_are_made_absolute(notebook_dir, tmp_path, monkey
     assert final.name == "pneumoniamnist"
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["dataset_spec"] == str(tiny_npz.resolve())
+
+
+def test_a_partial_run_builds_on_the_complete_report(notebook_dir, tmp_path):
+    final = run_reports("synthetic", kernel="python3", progress=False)
+    (final / "records" / "kept.json").write_text('{"from": "earlier run"}')
+    run_reports("synthetic", selection=["02"], kernel="python3", progress=False)
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["records"]["kept"] == {"from": "earlier run"}
+    assert set(metrics["notebook_wall_time_s"]) == {"01_first", "02_second"}
+
+
+def test_model_card_and_headline_from_evaluation_record():
+    metrics = {
+        "run": "synthetic", "dataset_spec": "synthetic", "git_commit": "abc",
+        "dataset": {"synthetic": True, "class_names": ["normal", "pneumonia"]},
+        "records": {"evaluation": {
+            "target_recall": 0.95, "best_model_by_val_auc": "scratch_cnn",
+            "models": {
+                "scratch_cnn": {"pretrained": None, "threshold": 0.31, "test": {"roc_auc": 0.97, "recall": 0.96},
+                                "test_ci95": {"roc_auc": [0.95, 0.98], "recall": [0.93, 0.98]}},
+                "transfer": {"pretrained": False, "threshold": 0.4, "test": {"roc_auc": 0.8}, "test_ci95": {}},
+            },
+            "gradcam": {"model": "scratch_cnn", "pointing_game": {"hit_rate": 0.6, "chance": 0.03, "images": 64}},
+        }},
+    }
+    card = reports.model_card(metrics)
+    assert "Synthetic data" in card and "0.970 [0.950, 0.980]" in card
+    assert "pretrained: false" in card and "chance is 0.030" in card
+    rows = reports.headline_rows(metrics)
+    assert [row["model"] for row in rows] == ["scratch_cnn", "transfer"]

@@ -92,8 +92,8 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         strategy = get_strategy("mirrored")
         with strategy.scope():
             model = compile_model(build_scratch_cnn((32, 32, 1), 2, data.train.images, filters=(8,)), 2)
-        history = train_model(model, data, r"%s", TrainConfig(max_epochs=1, batch_size=16), verbose=0)
+        history = train_model(model, data, r"MODEL_DIR", TrainConfig(max_epochs=1, batch_size=16), verbose=0)
         print("REPLICAS", strategy.num_replicas_in_sync, "EPOCHS", len(history))
-    """ % tmp_path)
+    """).replace("MODEL_DIR", str(tmp_path))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "REPLICAS 2 EPOCHS 1" in result.stdout, result.stderr[-2000:]
