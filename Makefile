@@ -56,7 +56,7 @@ bench: setup ## Print benchmark figures (data pipeline vs a per-file loop)
 	$(PY) -m medlab.cli bench data
 
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh environment.yml
-	uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements.lock
+	uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 --generate-hashes -o requirements.lock
 	$(PY) scripts/environment_from_lock.py
 
 clean: ## Remove generated reports, caches and build files (keeps .venv and downloads)

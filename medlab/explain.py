@@ -101,6 +101,8 @@ def randomised_copy(model: keras.Model, seed: int = 0) -> keras.Model:
     for source, target in zip(model.layers, copy.layers):
         if source.weights and not source.trainable_weights:  # fixed preprocessing, e.g. Normalization
             target.set_weights(source.get_weights())
+            if hasattr(target, "finalize_state"):  # Normalization derives its mean/variance from these
+                target.finalize_state()
     return copy
 
 

@@ -336,9 +336,32 @@ def plot_gradcam_gallery(images: np.ndarray, heatmaps: np.ndarray, titles: list[
     return figure
 
 
+def plot_tflite_comparison(table: pd.DataFrame):
+    """File size per variant (bars), and latency against ROC-AUC with marker area by size."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    table = table.astype({"size_kb": float, "latency_ms": float, "roc_auc": float})
+    sizes_kb = table["size_kb"]
+    bars = left.bar(table.index, sizes_kb, color=["#888"] + ["#4c72b0"] * (len(table) - 1))
+    left.bar_label(bars, labels=[f"{v:,.0f}" for v in sizes_kb], fontsize=8)
+    left.set_ylabel("file size (KiB)")
+    left.set_title("model size", fontsize=10)
+    left.tick_params(axis="x", rotation=20)
+    area = 40 + 400 * sizes_kb / sizes_kb.max()
+    right.scatter(table["latency_ms"], table["roc_auc"], s=area, alpha=0.6)
+    for name, row in table.iterrows():
+        right.annotate(name, (row["latency_ms"], row["roc_auc"]), fontsize=8, xytext=(4, 4),
+                       textcoords="offset points")
+    right.set_xlabel("median single-image latency (ms, this CPU)")
+    right.set_ylabel("test ROC-AUC")
+    right.set_title("latency and accuracy (marker area: size)", fontsize=10)
+    right.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 __all__ = [
     "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
     "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
     "plot_history", "plot_image_size_scatter", "plot_confusion_matrices", "plot_curves", "plot_reliability",
-    "gallery_indices", "plot_error_gallery", "plot_gradcam_gallery",
+    "gallery_indices", "plot_error_gallery", "plot_gradcam_gallery", "plot_tflite_comparison",
 ]

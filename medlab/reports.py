@@ -260,6 +260,13 @@ def model_card(metrics: dict) -> str:
                       f"grown by {pointing.get('tolerance_px', 0)} px as the heatmap peak is allowed to be)."]
     else:
         lines += ["No evaluation record in this run (notebook 06 did not run)."]
+    tflite = metrics.get("records", {}).get("tflite") or {}
+    if tflite:
+        lines += ["", f"## TFLite exports of `{tflite['model']}` (threshold {tflite.get('threshold')})",
+                  "| variant | size (KiB) | ROC-AUC | recall | decision agreement | recall drop > 1 pt |", "|---|---|---|---|---|---|"]
+        for name, row in tflite["variants"].items():
+            lines.append(f"| {name} | {row['size_kb']:.0f} | {row['roc_auc']:.4f} | {row.get('recall', float('nan')):.4f} "
+                         f"| {row['decision_agreement']:.4f} | {'**YES**' if row['recall_drop_flag'] else 'no'} |")
     lines += [
         "", "## Reproduce",
         f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "

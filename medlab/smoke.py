@@ -32,6 +32,8 @@ SMOKE_PARAMETERS = {
     "bootstrap_resamples": 50,
     "gradcam_images": 8,
     "gallery_size": 4,
+    "representative_images": 16,
+    "latency_repeats": 3,
 }
 
 

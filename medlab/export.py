@@ -1,0 +1,231 @@
+"""TFLite export: float32, float16, dynamic-range and full-integer models, checked against Keras.
+
+Keras 3 models are exported as a SavedModel (``model.export``) and converted
+from there; ``TFLiteConverter.from_keras_model`` does not work with Keras 3.
+Random augmentation layers, if a model has any, are replaced by identities
+first. Each ``.tflite`` file gets a JSON sidecar with everything a program
+needs to use it correctly on its own: class names, input size and channels,
+pixel scale, quantisation parameters and the decision threshold frozen on
+validation data.
+
+Files are run with LiteRT (``ai_edge_litert``), batched over whole splits.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+VARIANTS = ("float32", "float16", "dynamic_range", "int8")
+
+
+def strip_augmentation(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` with every Keras random preprocessing layer replaced by an identity."""
+    random_layers = [layer for layer in model.layers if type(layer).__name__.startswith("Random")]
+    if not random_layers:
+        return model
+
+    def clone(layer):  # every other layer is reused as it is, weights and all
+        return keras.layers.Identity(name=layer.name) if layer in random_layers else layer
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def convert(model: keras.Model, variant: str, representative_images: np.ndarray | None = None) -> bytes:
+    """Convert a Keras model to TFLite bytes through a SavedModel export.
+
+    ``int8`` is full-integer quantisation: uint8 pixels in, uint8 probability
+    out, int8 weights and activations calibrated on ``representative_images``
+    (drawn from the training split). Raw 0-255 pixels fit uint8 exactly
+    (scale 1, zero point 0), so the input loses nothing.
+    """
+    import tensorflow as tf
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "int8" and (representative_images is None or len(representative_images) == 0):
+        raise ValueError("int8 conversion needs representative images from the training split")
+    model = strip_augmentation(model)
+    with tempfile.TemporaryDirectory(prefix="medlab-savedmodel-") as directory:
+        model.export(directory, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(directory)
+        if variant != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if variant == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if variant == "int8":
+            images = np.asarray(representative_images, dtype=np.float32)
+
+            def representative_dataset():
+                for image in images:
+                    yield [image[None]]
+
+            converter.representative_dataset = representative_dataset
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+        return converter.convert()
+
+
+def export_variant(model: keras.Model, variant: str, path: str | Path, metadata: dict,
+                   representative_images: np.ndarray | None = None) -> LiteModel:
+    """Convert, write ``<name>.tflite`` and its ``<name>.json`` sidecar, and return it loaded.
+
+    The sidecar is ``metadata`` plus the variant and the input/output tensor
+    types and quantisation parameters read back from the written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(convert(model, variant, representative_images))
+    metadata = {**metadata, "variant": variant}
+    metadata["io"] = LiteModel(path, metadata).io_details()
+    path.with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n")
+    return LiteModel.load(path)
+
+
+def model_metadata(class_names: list[str], image_shape: tuple[int, int, int], threshold: float | None,
+                   source: str, pretrained: bool | None = None) -> dict:
+    """What a program needs to use an exported model correctly on its own."""
+    height, width, channels = image_shape
+    return {
+        "format": "medlab-tflite-v1",
+        "source_model": source,
+        "class_names": list(class_names),
+        "task": "binary" if len(class_names) == 2 else "multiclass",
+        "output": ("probability of the positive class" if len(class_names) == 2
+                   else "probability of each class (softmax)"),
+        "positive_class": class_names[1] if len(class_names) == 2 else None,
+        "preprocessing": {
+            "height": height, "width": width, "channels": channels,
+            "pixels": "raw 0-255 values (the model normalises internally)",
+            "color": "grayscale" if channels == 1 else "RGB",
+            "resize": "antialiased (area) when shrinking, bilinear when enlarging, as in medlab.data",
+        },
+        "threshold": threshold,
+        "threshold_rule": "chosen on validation data for the target recall, frozen before test" if threshold else None,
+        "pretrained": pretrained,
+    }
+
+
+@dataclass
+class LiteModel:
+    """A ``.tflite`` file with its sidecar, run by LiteRT over whole batches."""
+
+    path: Path
+    metadata: dict
+    input_scale_override: float | None = None  # for tests: simulate a wrong input scale
+
+    @classmethod
+    def load(cls, path: str | Path) -> LiteModel:
+        path = Path(path)
+        sidecar = path.with_suffix(".json")
+        if not sidecar.exists():
+            raise FileNotFoundError(f"{sidecar} is missing: a .tflite file needs its metadata to be used safely")
+        return cls(path, json.loads(sidecar.read_text()))
+
+    def _interpreter(self, batch: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(self.path))
+        input_index = interpreter.get_input_details()[0]["index"]
+        interpreter.resize_tensor_input(input_index, [batch, *self.input_shape])
+        interpreter.allocate_tensors()
+        return interpreter
+
+    @property
+    def input_shape(self) -> list[int]:
+        pre = self.metadata["preprocessing"]
+        return [pre["height"], pre["width"], pre["channels"]]
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Probabilities in the same shape as :func:`medlab.train.predict` gives for the Keras model."""
+        images = np.asarray(images, dtype=np.float32)
+        if list(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"{self.path.name} expects images of shape {self.input_shape}, got {list(images.shape[1:])}")
+        outputs = []
+        interpreter, size = None, None
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if len(batch) != size:  # resize the input tensor only when the batch size changes
+                interpreter, size = self._interpreter(len(batch)), len(batch)
+            input_detail = interpreter.get_input_details()[0]
+            output_detail = interpreter.get_output_details()[0]
+            interpreter.set_tensor(input_detail["index"], self._quantize(batch, input_detail))
+            interpreter.invoke()
+            outputs.append(self._dequantize(interpreter.get_tensor(output_detail["index"]), output_detail))
+        probabilities = np.concatenate(outputs)
+        return probabilities[:, 0] if probabilities.shape[1] == 1 else probabilities
+
+    def _quantize(self, batch: np.ndarray, detail: dict) -> np.ndarray:
+        if detail["dtype"] == np.float32:
+            return batch if self.input_scale_override is None else batch * self.input_scale_override
+        scale, zero_point = detail["quantization"]
+        if self.input_scale_override is not None:
+            scale = scale / self.input_scale_override
+        info = np.iinfo(detail["dtype"])
+        return np.clip(np.round(batch / scale + zero_point), info.min, info.max).astype(detail["dtype"])
+
+    @staticmethod
+    def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+        if detail["dtype"] == np.float32:
+            return values
+        scale, zero_point = detail["quantization"]
+        return (values.astype(np.float32) - zero_point) * scale
+
+    def io_details(self) -> dict:
+        interpreter = self._interpreter(1)
+        describe = lambda d: {"dtype": np.dtype(d["dtype"]).name, "quantization": list(d["quantization"])}  # noqa: E731
+        return {"input": describe(interpreter.get_input_details()[0]),
+                "output": describe(interpreter.get_output_details()[0])}
+
+    def median_latency_ms(self, image: np.ndarray, repeats: int = 50) -> float:
+        """Median wall time of one single-image inference on this CPU (after a warm-up)."""
+        interpreter = self._interpreter(1)
+        detail = interpreter.get_input_details()[0]
+        tensor = self._quantize(np.asarray(image, dtype=np.float32)[None], detail)
+        interpreter.set_tensor(detail["index"], tensor)
+        interpreter.invoke()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            interpreter.set_tensor(detail["index"], tensor)
+            interpreter.invoke()
+            times.append((time.perf_counter() - started) * 1000.0)
+        return statistics.median(times)
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, threshold: float | None,
+           max_recall_drop: float = 0.01) -> dict:
+    """How a converted model compares with the Keras model it came from, on the same images.
+
+    ``recall_drop_flag`` is True when recall at the frozen threshold falls by
+    more than ``max_recall_drop`` (1 point): quantisation must not silently
+    change the clinical picture.
+    """
+    from medlab.evaluate import binary_metrics
+    from medlab.train import evaluate_auc
+
+    result = {
+        "roc_auc": evaluate_auc(labels, candidate),
+        "max_abs_probability_difference": float(np.max(np.abs(reference - candidate))),
+    }
+    if reference.ndim == 1:
+        threshold = 0.5 if threshold is None else threshold
+        ours, theirs = binary_metrics(labels, candidate, threshold), binary_metrics(labels, reference, threshold)
+        result.update({
+            "recall": ours["recall"], "specificity": ours["specificity"],
+            "decision_agreement": float(np.mean((reference >= threshold) == (candidate >= threshold))),
+            "recall_change": ours["recall"] - theirs["recall"],
+        })
+    else:
+        result["decision_agreement"] = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+        result["recall_change"] = 0.0
+    result["recall_drop_flag"] = bool(result["recall_change"] < -max_recall_drop)
+    return result

@@ -1,0 +1,97 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from medlab.data import load_dataset
+from medlab.export import (
+    VARIANTS,
+    LiteModel,
+    convert,
+    export_variant,
+    model_metadata,
+    parity,
+    strip_augmentation,
+)
+from medlab.models import build_scratch_cnn
+from medlab.train import compile_model, predict
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = load_dataset("synthetic", image_size=32, max_images_per_split=120, seed=0, progress=False)
+    keras.utils.set_random_seed(0)
+    model = compile_model(build_scratch_cnn((32, 32, 1), 2, data.train.images, filters=(8, 16), dense_units=8), 2,
+                          learning_rate=3e-3)
+    model.fit(data.train.images.astype("float32"), data.train.labels.astype("float32"), epochs=10, verbose=0)
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    model, data = trained
+    folder = tmp_path_factory.mktemp("tflite")
+    metadata = model_metadata(data.info.class_names, (32, 32, 1), 0.42, "scratch_cnn", pretrained=None)
+    return {variant: export_variant(model, variant, folder / f"{variant}.tflite", metadata, data.train.images[:64])
+            for variant in VARIANTS}
+
+
+def test_all_four_variants_match_keras(trained, exported):
+    model, data = trained
+    reference = predict(model, data.test)
+    sizes = {variant: lite.path.stat().st_size for variant, lite in exported.items()}
+    assert sizes["float16"] < sizes["float32"] and sizes["dynamic_range"] < sizes["float32"]
+    for variant, lite in exported.items():
+        result = parity(reference, lite.predict(data.test.images, batch_size=50), data.test.labels, 0.42)
+        tolerance = {"float32": 1e-5, "float16": 5e-3, "dynamic_range": 2e-2, "int8": 0.2}[variant]
+        assert result["max_abs_probability_difference"] < tolerance, variant
+        assert result["decision_agreement"] >= 0.95, variant
+
+
+def test_int8_model_is_fully_integer_with_uint8_io(exported):
+    details = exported["int8"].io_details()
+    assert details["input"]["dtype"] == "uint8" and details["output"]["dtype"] == "uint8"
+    scale, zero_point = details["input"]["quantization"]
+    assert 0 < scale <= 1.01 and zero_point == 0  # raw 0-255 pixels fit uint8
+    out_scale, _ = details["output"]["quantization"]
+    assert out_scale == pytest.approx(1 / 256)  # a probability in [0, 1]
+
+
+def test_parity_check_catches_a_wrong_input_scale(trained, exported):
+    model, data = trained
+    reference = predict(model, data.test)
+    broken = LiteModel(exported["float32"].path, exported["float32"].metadata, input_scale_override=1 / 255)
+    result = parity(reference, broken.predict(data.test.images), data.test.labels, 0.42)
+    assert result["max_abs_probability_difference"] > 0.1 or result["decision_agreement"] < 0.9
+
+
+def test_recall_drop_is_flagged():
+    labels = np.array([1, 1, 1, 1, 0, 0])
+    reference = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    degraded = np.array([0.9, 0.8, 0.7, 0.4, 0.2, 0.1])
+    assert parity(reference, degraded, labels, 0.5)["recall_drop_flag"] is True
+    assert parity(reference, reference, labels, 0.5)["recall_drop_flag"] is False
+
+
+def test_metadata_round_trips(exported):
+    lite = LiteModel.load(exported["int8"].path)
+    sidecar = json.loads(lite.path.with_suffix(".json").read_text())
+    assert sidecar == lite.metadata
+    assert lite.metadata["class_names"] == ["normal", "pneumonia"] and lite.metadata["threshold"] == 0.42
+    assert lite.metadata["preprocessing"]["height"] == 32 and lite.metadata["variant"] == "int8"
+    assert lite.metadata["io"]["input"]["dtype"] == "uint8"
+    with pytest.raises(ValueError, match="expects images of shape"):
+        lite.predict(np.zeros((2, 16, 16, 1)))
+
+
+def test_augmentation_layers_are_stripped_and_int8_needs_data(trained):
+    model, _data = trained
+    inputs = keras.Input((32, 32, 1))
+    augmented = keras.Model(inputs, model(keras.layers.RandomFlip(seed=0)(inputs)))
+    stripped = strip_augmentation(augmented)
+    assert not any(type(layer).__name__.startswith("Random") for layer in stripped.layers)
+    batch = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(stripped.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)
+    with pytest.raises(ValueError, match="representative"):
+        convert(model, "int8")
