@@ -38,13 +38,33 @@ def strip_augmentation(model: keras.Model) -> keras.Model:
     return keras.models.clone_model(model, clone_function=clone)
 
 
+def logit_model(model: keras.Model) -> tuple[keras.Model, str | None]:
+    """The same model ending in logits, and the activation ("sigmoid"/"softmax") it took off.
+
+    Full-integer models quantise their output to 256 levels: a sigmoid output
+    with scale 1/256 turns most confident predictions into ties (all 255/256),
+    which costs ROC-AUC and hides ranking differences. Logits spread the 256
+    levels over their own range; the last activation is then applied in
+    float by whoever reads the output (:class:`LiteModel` does).
+    """
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", None)
+    if not isinstance(last, keras.layers.Dense) or activation not in {"sigmoid", "softmax"}:
+        return model, None
+    dense = keras.layers.Dense(last.units, name=f"{last.name}_logits")
+    logits = dense(last.input)
+    dense.set_weights(last.get_weights())
+    return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), activation
+
+
 def convert(model: keras.Model, variant: str, representative_images: np.ndarray | None = None) -> bytes:
     """Convert a Keras model to TFLite bytes through a SavedModel export.
 
-    ``int8`` is full-integer quantisation: uint8 pixels in, uint8 probability
-    out, int8 weights and activations calibrated on ``representative_images``
-    (drawn from the training split). Raw 0-255 pixels fit uint8 exactly
-    (scale 1, zero point 0), so the input loses nothing.
+    ``int8`` is full-integer quantisation: uint8 pixels in, uint8 out, int8
+    weights and activations calibrated on ``representative_images`` (drawn
+    from the training split). Raw 0-255 pixels fit uint8 with a scale near 1.
+    :func:`export_variant` gives the int8 model logits as output (see
+    :func:`logit_model`).
     """
     import tensorflow as tf
 
@@ -83,8 +103,13 @@ def export_variant(model: keras.Model, variant: str, path: str | Path, metadata:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    activation = None
+    if variant == "int8":
+        model, activation = logit_model(model)
     path.write_bytes(convert(model, variant, representative_images))
-    metadata = {**metadata, "variant": variant}
+    metadata = {**metadata, "variant": variant, "output_activation": activation}
+    if activation:
+        metadata["output"] = f"logits: apply {activation} in float to get probabilities"
     metadata["io"] = LiteModel(path, metadata).io_details()
     path.with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n")
     return LiteModel.load(path)
@@ -160,8 +185,17 @@ class LiteModel:
             interpreter.set_tensor(input_detail["index"], self._quantize(batch, input_detail))
             interpreter.invoke()
             outputs.append(self._dequantize(interpreter.get_tensor(output_detail["index"]), output_detail))
-        probabilities = np.concatenate(outputs)
+        probabilities = self._activate(np.concatenate(outputs))
         return probabilities[:, 0] if probabilities.shape[1] == 1 else probabilities
+
+    def _activate(self, outputs: np.ndarray) -> np.ndarray:
+        activation = self.metadata.get("output_activation")
+        if activation == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-outputs))
+        if activation == "softmax":
+            shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+            return shifted / shifted.sum(axis=1, keepdims=True)
+        return outputs
 
     def _quantize(self, batch: np.ndarray, detail: dict) -> np.ndarray:
         if detail["dtype"] == np.float32:

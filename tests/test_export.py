@@ -54,8 +54,9 @@ def test_int8_model_is_fully_integer_with_uint8_io(exported):
     assert details["input"]["dtype"] == "uint8" and details["output"]["dtype"] == "uint8"
     scale, zero_point = details["input"]["quantization"]
     assert 0 < scale <= 1.01 and zero_point == 0  # raw 0-255 pixels fit uint8
-    out_scale, _ = details["output"]["quantization"]
-    assert out_scale == pytest.approx(1 / 256)  # a probability in [0, 1]
+    # The int8 model outputs logits (finer than 256 probability levels); LiteModel applies the sigmoid.
+    assert exported["int8"].metadata["output_activation"] == "sigmoid"
+    assert exported["float32"].metadata["output_activation"] is None
 
 
 def test_parity_check_catches_a_wrong_input_scale(trained, exported):
@@ -64,6 +65,17 @@ def test_parity_check_catches_a_wrong_input_scale(trained, exported):
     broken = LiteModel(exported["float32"].path, exported["float32"].metadata, input_scale_override=1 / 255)
     result = parity(reference, broken.predict(data.test.images), data.test.labels, 0.42)
     assert result["max_abs_probability_difference"] > 0.1 or result["decision_agreement"] < 0.9
+
+
+def test_logit_model_keeps_the_ranking(trained):
+    from medlab.export import logit_model
+
+    model, data = trained
+    logits, activation = logit_model(model)
+    assert activation == "sigmoid"
+    probabilities = predict(model, data.test)
+    raw = logits.predict(data.test.images.astype("float32"), verbose=0)[:, 0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-raw)), probabilities, atol=1e-5)
 
 
 def test_recall_drop_is_flagged():
