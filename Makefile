@@ -13,7 +13,7 @@ NOTEBOOKS ?=
 PARAMS ?=
 NBVAL_DIR := build/nbval
 
-.PHONY: help setup lab data reports test lint bench lock clean
+.PHONY: help setup lab data reports test browser serve lint bench lock clean
 
 help: ## Show this help
 	@echo "medlab: reproducible medical image classification (see README.md)"
@@ -43,10 +43,22 @@ data: setup ## Generate the synthetic datasets and download MEDMNIST (default pn
 reports: setup ## Execute every notebook into reports/<run>/ (DATASET=..., default synthetic)
 	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(PARAMS)
 
-test: setup ## Unit tests, then every notebook under nbval with small parameters
+browser: ## Install Debian's chromium and chromedriver for the browser test (when root and missing)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "note: chromium/chromedriver missing and not root: the browser test will be skipped"; \
+	fi
+
+test: setup browser ## Unit tests, then every notebook under nbval with small parameters
 	rm -rf $(NBVAL_DIR)
 	$(PY) -m medlab.smoke $(NBVAL_DIR)
 	$(PY) -m pytest tests $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider
+
+serve: setup ## Start the web app on http://127.0.0.1:8000 for the newest run (RUN=reports/<run> to choose)
+	$(VENV)/bin/medlab serve $(if $(RUN),--run $(RUN))
 
 lint: setup ## Static checks (ruff) and notebooks-without-outputs check
 	$(VENV)/bin/ruff check medlab tests scripts

@@ -54,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="NAME=VALUE", help="notebook parameter, repeatable (e.g. -p image_size=32)")
     reports.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own)")
 
+    predict = commands.add_parser("predict", help="predict images with a run's model")
+    predict.add_argument("images", nargs="+", help="image files, folders or globs")
+    predict.add_argument("--run", help="run folder (default: the newest under reports/)")
+    predict.add_argument("--model", default="keras", help="keras, tflite-float32, tflite-float16, "
+                         "tflite-dynamic_range or tflite-int8")
+    predict.add_argument("--model-name", help="which trained model (default: the run's best by validation AUC)")
+    output = predict.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV")
+
+    serve = commands.add_parser("serve", help="start the web app for a run's model")
+    serve.add_argument("--run", help="run folder (default: the newest under reports/)")
+    serve.add_argument("--model", default="keras")
+    serve.add_argument("--model-name")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+
     bench = commands.add_parser("bench", help="print benchmark figures")
     bench.add_argument("what", choices=["data"], nargs="?", default="data")
     bench.add_argument("--images", type=int, default=5000)
@@ -64,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from medlab.data import DataError
     from medlab.download import DownloadError
+    from medlab.predict import PredictError
     from medlab.reports import ReportError
 
     arguments = build_parser().parse_args(argv)
     try:
         return _run(arguments)
-    except (DataError, DownloadError, ReportError, FileNotFoundError, ValueError) as error:
+    except (DataError, DownloadError, ReportError, PredictError, FileNotFoundError, ValueError) as error:
         if arguments.debug:
             raise
         print(f"medlab: error: {error}", file=sys.stderr)
@@ -120,6 +138,17 @@ def _run(arguments) -> int:
         final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
         print(f"report written: {final}/index.html")
         return 0
+    if arguments.command in {"predict", "serve"}:
+        from medlab.predict import Predictor, default_run
+
+        run = arguments.run or default_run(config.reports_dir())
+        predictor = Predictor(run, arguments.model, arguments.model_name)
+        if arguments.command == "serve":
+            from medlab.serve import run_server
+
+            run_server(predictor, arguments.host, arguments.port)
+            return 0
+        return _print_predictions(predictor, arguments)
     if arguments.command == "bench":
         from medlab.bench import data_benchmark, print_table
 
@@ -129,6 +158,44 @@ def _run(arguments) -> int:
             print_table(results)
         return 0
     raise AssertionError(arguments.command)
+
+
+def _print_predictions(predictor, arguments) -> int:
+    from medlab.predict import expand_inputs
+
+    paths = expand_inputs(arguments.images)
+    if not paths:
+        raise ValueError(f"no images found in {arguments.images}")
+    results = predictor.predict_files(paths)
+    rows = [result.as_dict() for result in results]
+    if arguments.json:
+        print(json.dumps({"run": str(predictor.run_dir), "model": predictor.model_name, "kind": predictor.kind,
+                          "threshold": predictor.threshold, "predictions": rows}, indent=2))
+    elif arguments.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "predicted_class", *[f"p_{n}" for n in predictor.class_names],
+                         "crossed_threshold", "error"])
+        for row in rows:
+            writer.writerow([row["file"], row["predicted_class"] or "",
+                             *[row["probabilities"].get(n, "") for n in predictor.class_names],
+                             "" if row["crossed_threshold"] is None else row["crossed_threshold"], row["error"] or ""])
+    else:
+        threshold = "none" if predictor.threshold is None else f"{predictor.threshold:.3f}"
+        print(f"run {predictor.run_dir.name}, model {predictor.model_name} ({predictor.kind}), threshold {threshold}")
+        for row in rows:
+            if row["error"]:
+                print(f"{row['file']}: ERROR {row['error']}")
+                continue
+            probabilities = ", ".join(f"{name} {p:.3f}" for name, p in row["probabilities"].items())
+            crossed = "" if row["crossed_threshold"] is None else \
+                ("  (above threshold)" if row["crossed_threshold"] else "  (below threshold)")
+            print(f"{row['file']}: {row['predicted_class']}  [{probabilities}]{crossed}")
+    failed = sum(1 for row in rows if row["error"])
+    if failed:
+        print(f"medlab: {failed} of {len(rows)} file(s) could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -596,35 +596,45 @@ def _pil_decode(path: bytes, channels: int) -> np.ndarray:
     return array.reshape(array.shape[0], array.shape[1], channels)
 
 
+def decode_image_file(path, use_pillow, image_size: int, channels: int):
+    """Read, decode and resize one image file to uint8 (S, S, channels): training's preprocessing.
+
+    PNG and JPEG files in common modes use ``tf.io.decode_image``; others (CMYK,
+    TIFF, BMP, GIF, WebP) go through Pillow. Shrinking uses area averaging (a box
+    filter: antialiased, and twice as fast as ``antialias=True`` here),
+    enlarging uses bilinear interpolation. Works eagerly and inside ``tf.data``.
+    """
+    import tensorflow as tf
+
+    def with_tf():
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+        return tf.ensure_shape(image, [None, None, channels])
+
+    def with_pillow():
+        image = tf.numpy_function(_pil_decode, [path, channels], tf.uint8)
+        return tf.ensure_shape(image, [None, None, channels])
+
+    image = tf.cond(tf.convert_to_tensor(use_pillow), with_pillow, with_tf)
+    shrinking = tf.reduce_max(tf.shape(image)[:2]) > image_size
+    image = tf.cond(
+        shrinking,
+        lambda: tf.image.resize(image, [image_size, image_size], method="area"),
+        lambda: tf.image.resize(image, [image_size, image_size], method="bilinear"),
+    )
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def decode_files(paths: list[Path], use_pillow: list[bool], image_size: int, channels: int,
                  progress: bool = True) -> tuple[np.ndarray, list[int]]:
     """Decode and resize images with a parallel ``tf.data`` pipeline.
 
     Returns the images (N, S, S, C) uint8 and the indices that failed to
-    decode. PNG and JPEG files in common modes use ``tf.io.decode_image``
-    (C++, parallel); others (CMYK, TIFF, BMP, GIF, WebP) go through Pillow.
+    decode; each file goes through :func:`decode_image_file`.
     """
     import tensorflow as tf
 
     def decode(path, pillow, index):
-        def with_tf():
-            image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-            return tf.ensure_shape(image, [None, None, channels])
-
-        def with_pillow():
-            image = tf.numpy_function(_pil_decode, [path, channels], tf.uint8)
-            return tf.ensure_shape(image, [None, None, channels])
-
-        image = tf.cond(pillow, with_pillow, with_tf)
-        # Shrinking: area averaging (a box filter: antialiased, and 2x faster than
-        # antialias=True here). Enlarging: bilinear.
-        shrinking = tf.reduce_max(tf.shape(image)[:2]) > image_size
-        image = tf.cond(
-            shrinking,
-            lambda: tf.image.resize(image, [image_size, image_size], method="area"),
-            lambda: tf.image.resize(image, [image_size, image_size], method="bilinear"),
-        )
-        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), index
+        return decode_image_file(path, pillow, image_size, channels), index
 
     dataset = (
         tf.data.Dataset.from_tensor_slices(

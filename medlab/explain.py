@@ -20,11 +20,15 @@ Two checks keep the heatmaps honest:
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from medlab.models import last_conv_layer_name
+
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer name: probe model}
 
 
 def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = None,
@@ -37,7 +41,10 @@ def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = Non
             class for a sigmoid model and the predicted class for a softmax.
     """
     layer_name = layer_name or last_conv_layer_name(model)
-    probe = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
+    probes = _PROBES.setdefault(model, {})
+    if layer_name not in probes:  # building the two-output model costs more than a small batch
+        probes[layer_name] = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
+    probe = probes[layer_name]
     heatmaps = []
     for start in range(0, len(images), batch_size):
         batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], dtype="float32"))

@@ -1,0 +1,186 @@
+"""Use a trained model: load it from a run folder and predict images with training's own preprocessing.
+
+``medlab predict IMAGE... --run reports/<run>`` and the web app
+(:mod:`medlab.serve`) both go through :class:`Predictor`: the model the run's
+evaluation chose (or one named), its class names, and the decision threshold
+frozen on validation data. Images are decoded and resized by
+:func:`medlab.data.decode_files`, the same ``tf.data`` code that prepared
+the training data, so a prediction sees exactly what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medlab.data import _TF_DECODABLE, IMAGE_SUFFIXES, _header, decode_files, decode_image_file
+
+MODEL_KINDS = ("keras", "tflite-float32", "tflite-float16", "tflite-dynamic_range", "tflite-int8")
+
+
+class PredictError(ValueError):
+    """A run folder or model that cannot be used; the message says what is missing."""
+
+
+@dataclass
+class Prediction:
+    source: str
+    predicted_class: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    crossed_threshold: bool | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"file": self.source, "predicted_class": self.predicted_class, "probabilities": self.probabilities,
+                "crossed_threshold": self.crossed_threshold, "error": self.error}
+
+
+class Predictor:
+    """A run's trained model with its class names, input shape and frozen threshold."""
+
+    def __init__(self, run_dir: str | Path, kind: str = "keras", model_name: str | None = None):
+        if kind not in MODEL_KINDS:
+            raise PredictError(f"--model must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "models").is_dir():
+            raise PredictError(f"{self.run_dir} has no models/ folder: run `make reports` first "
+                               "(or pass --run reports/<run>)")
+        evaluation_path = self.run_dir / "records" / "evaluation.json"
+        evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
+        self.model_name = model_name or evaluation.get("best_model_by_val_auc") or self._best_by_validation()
+        model_dir = self.run_dir / "models" / self.model_name
+        if not model_dir.is_dir():
+            available = sorted(p.name for p in (self.run_dir / "models").iterdir())
+            raise PredictError(f"no model {self.model_name!r} in {self.run_dir}/models (available: {available})")
+        dataset = json.loads((self.run_dir / "records" / "dataset.json").read_text())
+        self.class_names: list[str] = dataset["class_names"]
+        height, width = dataset["image_size"]
+        self.image_shape = (height, width, dataset["channels"])
+        self.synthetic = bool(dataset.get("synthetic"))
+        self.threshold = evaluation.get("models", {}).get(self.model_name, {}).get("threshold")
+        self.kind = kind
+        self.keras_model = None
+        self.lite_model = None
+        if kind == "keras":
+            import keras
+
+            import medlab.models  # noqa: F401  (registers medlab's layers for loading)
+
+            self.keras_model = keras.saving.load_model(model_dir / "best.keras")
+        else:
+            from medlab.export import LiteModel
+
+            variant = kind.removeprefix("tflite-")
+            path = self.run_dir / "tflite" / f"{self.model_name}_{variant}.tflite"
+            if not path.exists():
+                raise PredictError(f"{path} does not exist: run notebook 07 (make reports) to export it")
+            self.lite_model = LiteModel.load(path)
+
+    def _best_by_validation(self) -> str:
+        summaries = {p.parent.name: json.loads(p.read_text()).get("val_auc", 0.0)
+                     for p in (self.run_dir / "models").glob("*/summary.json")}
+        if not summaries:
+            raise PredictError(f"no trained model with a summary in {self.run_dir}/models")
+        return max(summaries, key=summaries.get)
+
+    @property
+    def binary(self) -> bool:
+        return len(self.class_names) == 2
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, C) class probabilities for uint8 images already at the model's input shape."""
+        if self.lite_model is not None:
+            output = self.lite_model.predict(images)
+        else:
+            batch = np.asarray(images, dtype="float32")
+            output = (self.keras_model(batch, training=False).numpy() if len(batch) <= 64
+                      else self.keras_model.predict(batch, batch_size=64, verbose=0))
+            output = output[:, 0] if output.shape[1] == 1 else output
+        return np.stack([1.0 - output, output], axis=1) if output.ndim == 1 else output
+
+    def describe(self, probabilities: np.ndarray, source: str) -> Prediction:
+        """Turn one row of class probabilities into a decision, using the frozen threshold for binary tasks."""
+        if self.binary:
+            threshold = 0.5 if self.threshold is None else self.threshold
+            crossed = bool(probabilities[1] >= threshold)
+            predicted = self.class_names[int(crossed)]
+        else:
+            crossed = None
+            predicted = self.class_names[int(np.argmax(probabilities))]
+        return Prediction(source, predicted, {name: round(float(p), 6) for name, p in
+                                              zip(self.class_names, probabilities)}, crossed)
+
+    def decode(self, paths: list[Path]) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Decode and resize like training; return (images, indices of those images, {index: error})."""
+        errors: dict[int, str] = {}
+        readable, use_pillow = [], []
+        for index, path in enumerate(paths):
+            header = _header(Path(path)) if Path(path).is_file() else "no such file"
+            if isinstance(header, str):
+                errors[index] = header
+                continue
+            readable.append(index)
+            use_pillow.append(header[1] not in _TF_DECODABLE.get(header[0], set()))
+        height, _width, channels = self.image_shape
+        if not readable:
+            return np.zeros((0, *self.image_shape), np.uint8), [], errors
+        if len(readable) <= 16:  # a few files (the web app): decode eagerly, no pipeline to build
+            images, failed = [], []
+            for position, (index, pillow) in enumerate(zip(readable, use_pillow)):
+                try:
+                    images.append(decode_image_file(str(paths[index]), pillow, height, channels).numpy())
+                except Exception:  # TensorFlow and Pillow decode errors alike
+                    images.append(np.zeros(self.image_shape, np.uint8))
+                    failed.append(position)
+            images = np.stack(images)
+        else:
+            images, failed = decode_files([Path(paths[i]) for i in readable], use_pillow, height, channels,
+                                          progress=False)
+        for position in failed:
+            errors[readable[position]] = "could not be decoded"
+        keep = [position for position in range(len(readable)) if position not in set(failed)]
+        return images[keep], [readable[position] for position in keep], errors
+
+    def predict_files(self, paths: list[Path]) -> list[Prediction]:
+        """Predict every readable image; unreadable ones come back with ``error`` set."""
+        images, indices, errors = self.decode(paths)
+        results = {index: Prediction(str(paths[index]), error=reason) for index, reason in errors.items()}
+        if indices:
+            for index, row in zip(indices, self.probabilities(images)):
+                results[index] = self.describe(row, str(paths[index]))
+        return [results[index] for index in range(len(paths))]
+
+    def gradcam(self, images: np.ndarray) -> np.ndarray | None:
+        """Grad-CAM heatmaps for the decision (Keras models only; None for TFLite)."""
+        if self.keras_model is None:
+            return None
+        from medlab.explain import gradcam
+
+        return gradcam(self.keras_model, images)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; folders expanded to the images inside them; shell-style globs expanded."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not p.name.startswith("."))
+        elif any(character in item for character in "*?[") and not path.exists():
+            paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        else:
+            paths.append(path)
+    return paths
+
+
+def default_run(reports_dir: Path) -> Path:
+    """The most recently written complete run under ``reports/``."""
+    runs = [p for p in reports_dir.glob("*") if (p / "models").is_dir() and not p.name.endswith(".failed")]
+    if not runs:
+        raise PredictError(f"no run with trained models under {reports_dir}: run `make reports` first")
+    return max(runs, key=lambda p: (p / "metrics.json").stat().st_mtime if (p / "metrics.json").exists() else 0)
