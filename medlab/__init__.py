@@ -5,10 +5,18 @@ pipeline stage:
 
 - :mod:`medlab.config`     paths and defaults, derived in one place
 - :mod:`medlab.synthetic`  the offline default: chest-radiograph-like phantoms
-- :mod:`medlab.data`       datasets from folders, MedMNIST ``.npz`` and the generator
+- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator and folders, behind one description
+- :mod:`medlab.folders`    class-per-folder image trees: scan, validate, decode, cache
 - :mod:`medlab.download`   fetching official MedMNIST files (MD5-checked)
 - :mod:`medlab.audit`      duplicate detection within and across splits
 - :mod:`medlab.augment`    the Keras augmentation pipeline
+- :mod:`medlab.models`     scratch CNN and transfer models (flat graphs)
+- :mod:`medlab.train`      determinism, compilation, callbacks, fit, predictions
+- :mod:`medlab.evaluate`   validation-frozen thresholds, metrics with CIs, calibration
+- :mod:`medlab.explain`    Grad-CAM, pointing game, randomisation check
+- :mod:`medlab.export`     TFLite conversion and LiteRT parity checks
+- :mod:`medlab.predict`    using a run's model on new images (``medlab predict``)
+- :mod:`medlab.serve`      the web app (``medlab serve``)
 - :mod:`medlab.plots`      figures for EDA and reports
 - :mod:`medlab.reports`    running the notebooks into ``reports/``
 """

@@ -145,7 +145,6 @@ class LiteModel:
 
     path: Path
     metadata: dict
-    input_scale_override: float | None = None  # for tests: simulate a wrong input scale
 
     @classmethod
     def load(cls, path: str | Path) -> LiteModel:
@@ -199,10 +198,8 @@ class LiteModel:
 
     def _quantize(self, batch: np.ndarray, detail: dict) -> np.ndarray:
         if detail["dtype"] == np.float32:
-            return batch if self.input_scale_override is None else batch * self.input_scale_override
+            return batch
         scale, zero_point = detail["quantization"]
-        if self.input_scale_override is not None:
-            scale = scale / self.input_scale_override
         info = np.iinfo(detail["dtype"])
         return np.clip(np.round(batch / scale + zero_point), info.min, info.max).astype(detail["dtype"])
 

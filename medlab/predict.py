@@ -4,7 +4,7 @@
 (:mod:`medlab.serve`) both go through :class:`Predictor`: the model the run's
 evaluation chose (or one named), its class names, and the decision threshold
 frozen on validation data. Images are decoded and resized by
-:func:`medlab.data.decode_files`, the same ``tf.data`` code that prepared
+:func:`medlab.folders.decode_files`, the same ``tf.data`` code that prepared
 the training data, so a prediction sees exactly what the model was trained on.
 """
 
@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medlab.data import _TF_DECODABLE, IMAGE_SUFFIXES, _header, decode_files, decode_image_file
+from medlab.folders import (
+    IMAGE_SUFFIXES,
+    TF_DECODABLE,
+    decode_files,
+    decode_image_file,
+    read_header,
+)
 
 MODEL_KINDS = ("keras", "tflite-float32", "tflite-float16", "tflite-dynamic_range", "tflite-int8")
 
@@ -119,12 +125,12 @@ class Predictor:
         errors: dict[int, str] = {}
         readable, use_pillow = [], []
         for index, path in enumerate(paths):
-            header = _header(Path(path)) if Path(path).is_file() else "no such file"
+            header = read_header(Path(path)) if Path(path).is_file() else "no such file"
             if isinstance(header, str):
                 errors[index] = header
                 continue
             readable.append(index)
-            use_pillow.append(header[1] not in _TF_DECODABLE.get(header[0], set()))
+            use_pillow.append(header[1] not in TF_DECODABLE.get(header[0], set()))
         height, _width, channels = self.image_shape
         if not readable:
             return np.zeros((0, *self.image_shape), np.uint8), [], errors

@@ -62,8 +62,9 @@ def test_int8_model_is_fully_integer_with_uint8_io(exported):
 def test_parity_check_catches_a_wrong_input_scale(trained, exported):
     model, data = trained
     reference = predict(model, data.test)
-    broken = LiteModel(exported["float32"].path, exported["float32"].metadata, input_scale_override=1 / 255)
-    result = parity(reference, broken.predict(data.test.images), data.test.labels, 0.42)
+    # A client that scales pixels to [0, 1], as many tutorials do, although the model expects 0-255.
+    wrongly_scaled = exported["int8"].predict(data.test.images / 255.0)
+    result = parity(reference, wrongly_scaled, data.test.labels, 0.42)
     assert result["max_abs_probability_difference"] > 0.1 or result["decision_agreement"] < 0.9
 
 
