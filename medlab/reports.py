@@ -242,10 +242,13 @@ def model_card(metrics: dict) -> str:
         header = ["model", "pretrained", "threshold", *HEADLINE_METRICS]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_format(row.get(key, "")) for key in header) + " |" for row in rows]
+        binary = any(row.get("threshold") is not None for row in rows)
         lines += [
             "",
             f"Thresholds were chosen on the validation split for recall >= {evaluation.get('target_recall')} "
-            "and frozen before the test split was read; brackets are stratified bootstrap 95% intervals.",
+            "and frozen before the test split was read; brackets are stratified bootstrap 95% intervals."
+            if binary else "Multi-class: each image gets its most probable class; recall and precision are "
+            "macro-averaged over classes (per-class recall in metrics.json).",
             f"Best model by validation AUC: `{evaluation.get('best_model_by_val_auc')}`.",
         ]
         if any(row.get("pretrained") is False for row in rows):
