@@ -64,8 +64,9 @@ lint: setup ## Static checks (ruff) and notebooks-without-outputs check
 	$(VENV)/bin/ruff check medlab tests scripts
 	$(PY) -m medlab.smoke --check-clean
 
-bench: setup ## Print benchmark figures (data pipeline vs a per-file loop)
-	$(PY) -m medlab.cli bench data
+SEEDS ?= 3
+bench: setup ## Full report per seed (SEEDS=3) on the real data when found, then one table (reports/bench/)
+	$(PY) -m medlab.cli bench full --seeds $(SEEDS) $(if $(filter-out synthetic,$(DATASET)),--dataset "$(DATASET)")
 
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh environment.yml
 	uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 --generate-hashes -o requirements.lock

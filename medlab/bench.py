@@ -1,5 +1,12 @@
 """Benchmarks that print figures (``make bench``), not timed unit tests.
 
+``full`` (``make bench``): the whole report once per seed on the real
+PneumoniaMNIST when it can be found (synthetic data otherwise), then one
+table: per model the mean and standard deviation of test AUC, accuracy at
+0.5, recall and specificity at the validation-frozen threshold and training
+time; the data-pipeline ratios; the int8 TFLite size and parity; the report's
+wall time. Also written as ``reports/bench/bench.json`` and ``bench.md``.
+
 ``data``: for a PNG folder of generated images (5,000 by default), the
 images/s of
 
@@ -15,6 +22,7 @@ and the ratios against the baseline, all measured in the same run.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -105,3 +113,112 @@ def print_table(results: dict) -> None:
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")
+
+
+# --------------------------------------------------------------------------
+# The full benchmark: the whole report for several seeds
+# --------------------------------------------------------------------------
+
+
+def default_bench_dataset() -> str:
+    """The real PneumoniaMNIST when it can be found (data/medmnist/, or ../shared/data/), else synthetic."""
+    from medlab import config
+
+    for candidate in (config.medmnist_dir() / "pneumoniamnist.npz",
+                      config.PROJECT_ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"):
+        if candidate.exists():
+            return str(candidate)
+    return "synthetic"
+
+
+def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000) -> dict:
+    """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary."""
+    from medlab.reports import run_name, run_reports
+
+    dataset = dataset or default_bench_dataset()
+    runs = []
+    for seed in range(seeds):
+        name = f"bench-{run_name(dataset)}-seed{seed}"
+        started = time.perf_counter()
+        folder = run_reports(dataset, parameters={"seed": seed}, name=name)
+        wall = time.perf_counter() - started
+        metrics = json.loads((folder / "metrics.json").read_text())
+        runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})
+    return {"dataset": dataset, "seeds": seeds, "runs": runs, "summary": summarise_runs(runs),
+            "data_pipeline": data_benchmark(data_images)}
+
+
+def summarise_runs(runs: list[dict]) -> dict:
+    """Per model: mean and standard deviation over seeds of the headline numbers."""
+    per_model: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        records = run["metrics"]["records"]
+        evaluation = records.get("evaluation", {}).get("models", {})
+        for name, result in evaluation.items():
+            values = per_model.setdefault(name, {})
+            test_at = result.get("test_at", {})
+            numbers = {
+                "test_auc": result["test"].get("roc_auc"),
+                "accuracy_at_0.5": test_at.get("default_0.5", {}).get("accuracy"),
+                "recall_at_frozen": result["test"].get("recall"),
+                "specificity_at_frozen": result["test"].get("specificity"),
+                "train_seconds": records.get(f"model_{name}", {}).get("training", {}).get("train_seconds"),
+            }
+            for key, value in numbers.items():
+                if value is not None:
+                    values.setdefault(key, []).append(float(value))
+    summary = {name: {key: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                            "values": v} for key, v in values.items()} for name, values in per_model.items()}
+    tflite = [run["metrics"]["records"].get("tflite") for run in runs]
+    tflite = [t for t in tflite if t]
+    if tflite:
+        int8 = [t["variants"]["int8"] for t in tflite]
+        keras_auc = [t["variants"]["keras"]["roc_auc"] for t in tflite]
+        summary["_tflite_int8"] = {
+            "size_vs_float32": float(np.mean([v["size_vs_float32"] for v in int8])),
+            "auc_minus_keras": float(np.mean([v["roc_auc"] - k for v, k in zip(int8, keras_auc)])),
+            "decision_agreement": float(np.mean([v["decision_agreement"] for v in int8])),
+        }
+    summary["_report_wall_time_s"] = {"mean": float(np.mean([r["wall_time_s"] for r in runs])),
+                                      "values": [r["wall_time_s"] for r in runs]}
+    return summary
+
+
+def markdown_table(result: dict) -> str:
+    """The benchmark's one table, as markdown (also what `make bench` prints)."""
+    summary = result["summary"]
+    lines = [f"Dataset: `{result['dataset']}`, {result['seeds']} seed(s), "
+             f"{result['data_pipeline']['cpu_count']} CPU core(s), no GPU.", "",
+             "| model | test ROC-AUC | accuracy at 0.5 | recall at frozen threshold | specificity at frozen threshold "
+             "| training s |", "|---|---|---|---|---|---|"]
+
+    def cell(stats: dict | None, digits: int = 3) -> str:
+        if not stats:
+            return "n/a"
+        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+    for name, values in summary.items():
+        if name.startswith("_"):
+            continue
+        lines.append(f"| {name} | {cell(values.get('test_auc'))} | {cell(values.get('accuracy_at_0.5'))} | "
+                     f"{cell(values.get('recall_at_frozen'))} | {cell(values.get('specificity_at_frozen'))} | "
+                     f"{cell(values.get('train_seconds'), 0)} |")
+    pipeline = result["data_pipeline"]
+    lines += ["", f"Data pipeline ({pipeline['images']} PNGs, {pipeline['source_size']} px -> {pipeline['image_size']} px): "
+              f"first pass {pipeline['first_pass_vs_loop']:.2f}x, cached epoch {pipeline['cached_epoch_vs_loop']:.1f}x "
+              "a per-file PIL loop."]
+    if "_tflite_int8" in summary:
+        int8 = summary["_tflite_int8"]
+        lines.append(f"TFLite int8: {int8['size_vs_float32']:.0%} of float32, test AUC {int8['auc_minus_keras']:+.4f} "
+                     f"vs Keras, decision agreement {int8['decision_agreement']:.1%}.")
+    wall = summary["_report_wall_time_s"]
+    lines.append(f"`make reports` wall time: {wall['mean']:.0f} s mean ({', '.join(f'{v:.0f}' for v in wall['values'])}).")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = folder / "bench.json", folder / "bench.md"
+    json_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    markdown_path.write_text(markdown_table(result) + "\n")
+    return json_path, markdown_path

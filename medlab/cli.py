@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
 
     bench = commands.add_parser("bench", help="print benchmark figures")
-    bench.add_argument("what", choices=["data"], nargs="?", default="data")
-    bench.add_argument("--images", type=int, default=5000)
+    bench.add_argument("what", choices=["full", "data"], nargs="?", default="full",
+                       help="full: the whole report per seed, then one table (default); data: the data pipeline only")
+    bench.add_argument("--dataset", help="default: the real PneumoniaMNIST when found, else synthetic")
+    bench.add_argument("--seeds", type=int, default=3)
+    bench.add_argument("--images", type=int, default=5000, help="PNG files for the data-pipeline benchmark")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -150,12 +153,23 @@ def _run(arguments) -> int:
             return 0
         return _print_predictions(predictor, arguments)
     if arguments.command == "bench":
-        from medlab.bench import data_benchmark, print_table
+        from medlab import bench
 
-        results = data_benchmark(arguments.images)
-        print(json.dumps(results, indent=2) if arguments.json else "", end="")
-        if not arguments.json:
-            print_table(results)
+        if arguments.what == "data":
+            results = bench.data_benchmark(arguments.images)
+            if arguments.json:
+                print(json.dumps(results, indent=2))
+            else:
+                bench.print_table(results)
+            return 0
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("papermill").setLevel(logging.INFO)
+        result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images)
+        json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
+        print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
+        print(f"\nwritten: {json_path}, {markdown_path}")
         return 0
     raise AssertionError(arguments.command)
 

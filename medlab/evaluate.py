@@ -71,6 +71,29 @@ def load_model_predictions(run_dir: str | Path) -> list[ModelPredictions]:
     return found
 
 
+def ensemble(models: list[ModelPredictions], name: str = "ensemble") -> ModelPredictions:
+    """The mean of several models' probabilities: often better than any one of them.
+
+    The members must have predicted the same images in the same order (one run's models do).
+    """
+    if len(models) < 2:
+        raise ValueError("an ensemble needs at least two models")
+    first = models[0]
+    for model in models[1:]:
+        if model.test_ids != first.test_ids or not np.array_equal(model.val_labels, first.val_labels):
+            raise ValueError(f"{model.name} did not predict the same images as {first.name}")
+    val = np.mean([m.val_probabilities for m in models], axis=0)
+    test = np.mean([m.test_probabilities for m in models], axis=0)
+    from medlab.train import evaluate_auc
+
+    summary = {"kind": "ensemble", "members": [m.name for m in models],
+               "pretrained": None if all(m.summary.get("pretrained") is None for m in models) else
+               all(m.summary.get("pretrained") is not False for m in models),
+               "val_auc": round(evaluate_auc(first.val_labels, val), 4)}
+    return ModelPredictions(name, first.class_names, first.val_labels, val, first.test_ids, first.test_labels, test,
+                            summary)
+
+
 # --------------------------------------------------------------------------
 # Thresholds (validation only)
 # --------------------------------------------------------------------------

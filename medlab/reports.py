@@ -111,14 +111,17 @@ def render_html(notebook_path: Path) -> Path:
 
 def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | None = None,
                 parameters: dict | None = None, kernel: str | None = None,
-                progress: bool = True, reports_dir: Path | None = None) -> Path:
-    """Execute the notebooks for ``dataset`` and swap the finished run into ``reports/<run>/``."""
+                progress: bool = True, reports_dir: Path | None = None, name: str | None = None) -> Path:
+    """Execute the notebooks for ``dataset`` and swap the finished run into ``reports/<run>/``.
+
+    ``name`` overrides the run folder's name (the benchmark keeps one run per seed).
+    """
     import papermill
 
     reports_dir = Path(reports_dir or config.reports_dir())
     if Path(dataset).expanduser().exists():  # notebooks run in notebooks/: pass paths absolute
         dataset = str(Path(dataset).expanduser().resolve())
-    name = run_name(dataset)
+    name = name or run_name(dataset)
     final = reports_dir / name
     staging = reports_dir / f".{name}.staging"
     failed = reports_dir / f"{name}.failed"

@@ -16,3 +16,27 @@ def test_data_benchmark_measures_every_stage():
     loop = results["tutorial_loop_images_per_s"]
     assert results["cached_epoch_vs_loop"] == pytest.approx(results["medlab_cached_epoch_images_per_s"] / loop, abs=0.01)
     assert results["first_pass_vs_loop"] == pytest.approx(results["medlab_first_pass_images_per_s"] / loop, abs=0.01)
+
+
+def test_summary_and_table_from_runs():
+    from medlab.bench import markdown_table, summarise_runs
+
+    def run(seed, auc, accuracy):
+        model = {"test": {"roc_auc": auc, "recall": 0.96, "specificity": 0.85},
+                 "test_at": {"default_0.5": {"accuracy": accuracy}}}
+        return {"seed": seed, "wall_time_s": 400.0 + seed, "metrics": {"records": {
+            "evaluation": {"models": {"scratch_cnn": model}},
+            "model_scratch_cnn": {"training": {"train_seconds": 80.0}},
+            "tflite": {"variants": {"int8": {"size_vs_float32": 0.28, "roc_auc": auc - 0.001, "decision_agreement": 0.99},
+                                    "keras": {"roc_auc": auc}}},
+        }}}
+
+    summary = summarise_runs([run(0, 0.97, 0.91), run(1, 0.98, 0.93)])
+    assert summary["scratch_cnn"]["test_auc"]["mean"] == pytest.approx(0.975)
+    assert summary["scratch_cnn"]["accuracy_at_0.5"]["std"] == pytest.approx(0.01414, abs=1e-4)
+    assert summary["_tflite_int8"]["auc_minus_keras"] == pytest.approx(-0.001)
+    table = markdown_table({"dataset": "x.npz", "seeds": 2, "summary": summary, "data_pipeline": {
+        "cpu_count": 2, "images": 10, "source_size": 32, "image_size": 16, "first_pass_vs_loop": 0.5,
+        "cached_epoch_vs_loop": 30.0}})
+    assert "| scratch_cnn | 0.975 ± 0.007 | 0.920 ± 0.014 |" in table
+    assert "0.50x" in table and "28% of float32" in table

@@ -119,3 +119,17 @@ def test_load_model_predictions(tmp_path):
     (loaded,) = load_model_predictions(tmp_path)
     assert loaded.name == "scratch_cnn" and loaded.binary and loaded.summary == {"pretrained": False}
     np.testing.assert_allclose(loaded.test_probabilities, [0.2, 0.7])
+
+
+def test_ensemble_averages_members_and_checks_alignment():
+    from medlab.evaluate import ensemble
+
+    a, b = _model("a", seed=0), _model("b", seed=0)
+    b.val_probabilities = 1 - b.val_probabilities
+    b.test_probabilities = 1 - b.test_probabilities
+    mean = ensemble([a, b])
+    np.testing.assert_allclose(mean.val_probabilities, 0.5)
+    assert mean.summary["members"] == ["a", "b"] and mean.name == "ensemble"
+    other = _model("c", seed=1)
+    with pytest.raises(ValueError, match="same images"):
+        ensemble([a, other])
