@@ -260,3 +260,44 @@ def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, thr
         result["recall_change"] = 0.0
     result["recall_drop_flag"] = bool(result["recall_change"] < -max_recall_drop)
     return result
+
+
+def keras_latency_ms(model: keras.Model, image: np.ndarray, repeats: int = 50) -> float:
+    """Median wall time of one single-image Keras call on this CPU (after a warm-up)."""
+    single = np.asarray(image, dtype=np.float32)[None]
+    model(single, training=False)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(single, training=False)
+        times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
+
+
+def compare_variants(model: keras.Model, keras_file: Path, images: np.ndarray, labels: np.ndarray,
+                     folder: Path, name: str, metadata: dict, calibration_images: np.ndarray,
+                     threshold: float | None, latency_repeats: int = 50):
+    """Export every variant, run each on ``images`` and compare with Keras: one row per model, as a table.
+
+    Columns: size (KiB and relative to float32), median single-image latency,
+    ROC-AUC, recall and specificity at ``threshold``, decision agreement,
+    largest probability difference, and the recall-drop flag.
+    """
+    import pandas as pd
+
+    from medlab.train import predict_images
+
+    reference = predict_images(model, images)
+    rows = {"keras": {"size_kb": Path(keras_file).stat().st_size / 1024,
+                      "latency_ms": keras_latency_ms(model, images[0], latency_repeats),
+                      **parity(reference, reference, labels, threshold)}}
+    for variant in VARIANTS:
+        lite = export_variant(model, variant, Path(folder) / f"{name}_{variant}.tflite", metadata, calibration_images)
+        rows[variant] = {"size_kb": lite.path.stat().st_size / 1024,
+                         "latency_ms": lite.median_latency_ms(images[0], latency_repeats),
+                         **parity(reference, lite.predict(images), labels, threshold)}
+    table = pd.DataFrame(rows).T.infer_objects()
+    table["size_vs_float32"] = table["size_kb"] / table.loc["float32", "size_kb"]
+    columns = ["size_kb", "size_vs_float32", "latency_ms", "roc_auc", "recall", "specificity",
+               "decision_agreement", "max_abs_probability_difference", "recall_drop_flag"]
+    return table[[column for column in columns if column in table]]

@@ -195,8 +195,13 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
 
 
 def predict(model: keras.Model, split: Split, batch_size: int = 256) -> np.ndarray:
-    """Probabilities: shape (N,) of the positive class for binary models, (N, C) otherwise."""
-    probabilities = model.predict(split.images.astype("float32"), batch_size=batch_size, verbose=0)
+    """Probabilities for a split: shape (N,) of the positive class for binary models, (N, C) otherwise."""
+    return predict_images(model, split.images, batch_size)
+
+
+def predict_images(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probabilities for uint8 images: (N,) of the positive class for binary models, (N, C) otherwise."""
+    probabilities = model.predict(np.asarray(images, dtype="float32"), batch_size=batch_size, verbose=0)
     return probabilities[:, 0] if probabilities.shape[1] == 1 else probabilities
 
 

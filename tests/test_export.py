@@ -108,3 +108,19 @@ def test_augmentation_layers_are_stripped_and_int8_needs_data(trained):
     np.testing.assert_allclose(stripped.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)
     with pytest.raises(ValueError, match="representative"):
         convert(model, "int8")
+
+
+def test_compare_variants_table(trained, tmp_path):
+    from medlab.export import compare_variants
+
+    model, data = trained
+    keras_file = tmp_path / "best.keras"
+    model.save(keras_file)
+    metadata = model_metadata(data.info.class_names, (32, 32, 1), 0.42, "scratch_cnn")
+    table = compare_variants(model, keras_file, data.test.images, data.test.labels, tmp_path / "tflite", "m",
+                             metadata, data.train.images[:32], 0.42, latency_repeats=3)
+    assert list(table.index) == ["keras", *VARIANTS]
+    # A tiny model is mostly file overhead; on the real scratch CNN int8 is about 28% of float32.
+    assert table.loc["float32", "size_vs_float32"] == 1.0 and table.loc["int8", "size_vs_float32"] < 1.0
+    assert table.loc["keras", "decision_agreement"] == 1.0 and table["latency_ms"].min() > 0
+    assert sorted(p.name for p in (tmp_path / "tflite").glob("*.tflite")) == sorted(f"m_{v}.tflite" for v in VARIANTS)
