@@ -232,6 +232,30 @@ def evaluate_binary(model: ModelPredictions, target_recall: float = 0.95, n_resa
     return result
 
 
+def evaluate_model(model: ModelPredictions, target_recall: float = 0.95, n_resamples: int = 1000,
+                   seed: int = 0) -> dict:
+    """:func:`evaluate_binary` for two classes; macro metrics and per-class recall for more."""
+    if model.binary:
+        result = evaluate_binary(model, target_recall, n_resamples, seed)
+    else:
+        result = {"model": model.name,
+                  "test": multiclass_metrics(model.test_labels, model.test_probabilities, model.class_names),
+                  "validation": multiclass_metrics(model.val_labels, model.val_probabilities, model.class_names)}
+    result["pretrained"] = model.summary.get("pretrained")
+    return result
+
+
+def threshold_table(results: list[dict]) -> pd.DataFrame:
+    """Binary: test metrics at every candidate threshold; multi-class: per-class recall per model."""
+    if all("test_at" in result for result in results):
+        rows = {(result["model"], name): {k: round(v, 3) for k, v in metrics.items() if k in METRIC_NAMES}
+                for result in results for name, metrics in result["test_at"].items()}
+        table = pd.DataFrame(rows).T
+        table.index.names = ["model", "threshold chosen by"]
+        return table
+    return pd.DataFrame({result["model"]: result["test"]["per_class_recall"] for result in results})
+
+
 def comparison_table(results: list[dict]) -> pd.DataFrame:
     """One row per model: test metrics at the frozen threshold as 'value [low, high]' strings."""
     rows = []

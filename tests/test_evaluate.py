@@ -133,3 +133,16 @@ def test_ensemble_averages_members_and_checks_alignment():
     other = _model("c", seed=1)
     with pytest.raises(ValueError, match="same images"):
         ensemble([a, other])
+
+
+def test_evaluate_model_and_threshold_table():
+    from medlab.evaluate import evaluate_model, threshold_table
+
+    results = [evaluate_model(_model("a"), n_resamples=10), evaluate_model(_model("b", seed=1), n_resamples=10)]
+    table = threshold_table(results)
+    assert table.shape[0] == 6 and set(table.index.get_level_values(1)) == {"target_recall", "youden", "default_0.5"}
+    multi = ModelPredictions("m", ["a", "b", "c"], np.array([0, 1, 2]), np.eye(3), ["x", "y", "z"], np.array([0, 1, 2]),
+                             np.eye(3), {"pretrained": None})
+    result = evaluate_model(multi)
+    assert result["test"]["accuracy"] == 1.0 and "threshold" not in result
+    assert threshold_table([result])["m"].to_dict() == {"a": 1.0, "b": 1.0, "c": 1.0}
