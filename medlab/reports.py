@@ -311,8 +311,8 @@ def _index_html(run_dir: Path, metrics: dict) -> str:
     )
     counts = dataset.get("counts") or {}
     count_rows = "".join(
-        f"<tr><td>{escape(split)}</td>" + "".join(f"<td>{n}</td>" for n in per_class.values()) + "</tr>"
-        for split, per_class in counts.items()
+        f"<tr><td>{escape(split)}</td>" + "".join(f"<td>{n}</td>" for n in counts[split].values()) + "</tr>"
+        for split in ("train", "val", "test") if split in counts
     )
     class_header = "".join(f"<th>{escape(c)}</th>" for c in dataset.get("class_names", []))
     rows_data = headline_rows(metrics)
