@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medlab import config
 from medlab.synthetic import SyntheticConfig, generate_split
 
 
@@ -98,7 +99,7 @@ def data_benchmark(count: int = 5000, source_size: int = 128, image_size: int = 
         "images": count,
         "source_size": source_size,
         "image_size": image_size,
-        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": config.cpu_count(),
         "synthetic_generator_images_per_s": round(generator_rate, 1),
         "tutorial_loop_images_per_s": round(baseline_rate, 1),
         "medlab_first_pass_images_per_s": round(first_pass_rate, 1),
@@ -122,8 +123,6 @@ def print_table(results: dict) -> None:
 
 def default_bench_dataset() -> str:
     """The real PneumoniaMNIST when it can be found (data/medmnist/, or ../shared/data/), else synthetic."""
-    from medlab import config
-
     for candidate in (config.medmnist_dir() / "pneumoniamnist.npz",
                       config.PROJECT_ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"):
         if candidate.exists():

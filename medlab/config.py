@@ -45,3 +45,8 @@ def synthetic_dir() -> Path:
 def medmnist_dir() -> Path:
     """Where ``make data`` puts official MedMNIST files."""
     return data_dir() / "medmnist"
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (what reports and benchmarks quote)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

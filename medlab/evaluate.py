@@ -94,6 +94,26 @@ def ensemble(models: list[ModelPredictions], name: str = "ensemble") -> ModelPre
                             summary)
 
 
+def chosen_model(run_dir: str | Path, model_name: str | None = None) -> tuple[str, float | None]:
+    """The model to use from a run, and its threshold frozen on validation.
+
+    ``model_name`` if given; otherwise the single model lesson 06 chose by
+    validation AUC; without lesson 06's record, the best ``val_auc`` among
+    the model summaries (and no threshold).
+    """
+    run_dir = Path(run_dir)
+    record_path = run_dir / "records" / "evaluation.json"
+    evaluation = json.loads(record_path.read_text()) if record_path.exists() else {}
+    name = model_name or evaluation.get("best_model_by_val_auc")
+    if name is None:
+        summaries = {p.parent.name: json.loads(p.read_text()).get("val_auc", 0.0)
+                     for p in run_dir.glob("models/*/summary.json")}
+        if not summaries:
+            raise FileNotFoundError(f"no trained model with a summary in {run_dir}/models: run notebooks 03-05")
+        name = max(summaries, key=summaries.get)
+    return name, evaluation.get("models", {}).get(name, {}).get("threshold")
+
+
 # --------------------------------------------------------------------------
 # Thresholds (validation only)
 # --------------------------------------------------------------------------

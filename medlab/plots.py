@@ -186,7 +186,7 @@ def plot_history(history: pd.DataFrame, title: str = "training history"):
     return figure
 
 
-def plot_image_size_scatter(dataset: Dataset):
+def plot_source_sizes(dataset: Dataset):
     """Source image sizes (folder data): a note on how much resizing the pipeline does."""
     sizes = dataset.info.source_image_sizes
     if not sizes:
@@ -362,6 +362,6 @@ def plot_tflite_comparison(table: pd.DataFrame):
 __all__ = [
     "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
     "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
-    "plot_history", "plot_image_size_scatter", "plot_confusion_matrices", "plot_curves", "plot_reliability",
+    "plot_history", "plot_source_sizes", "plot_confusion_matrices", "plot_curves", "plot_reliability",
     "gallery_indices", "plot_error_gallery", "plot_gradcam_gallery", "plot_tflite_comparison",
 ]

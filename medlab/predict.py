@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medlab.evaluate import chosen_model
 from medlab.folders import (
     IMAGE_SUFFIXES,
     TF_DECODABLE,
@@ -55,9 +56,10 @@ class Predictor:
         if not (self.run_dir / "models").is_dir():
             raise PredictError(f"{self.run_dir} has no models/ folder: run `make reports` first "
                                "(or pass --run reports/<run>)")
-        evaluation_path = self.run_dir / "records" / "evaluation.json"
-        evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
-        self.model_name = model_name or evaluation.get("best_model_by_val_auc") or self._best_by_validation()
+        try:
+            self.model_name, self.threshold = chosen_model(self.run_dir, model_name)
+        except FileNotFoundError as error:
+            raise PredictError(str(error)) from None
         model_dir = self.run_dir / "models" / self.model_name
         if not model_dir.is_dir():
             available = sorted(p.name for p in (self.run_dir / "models").iterdir())
@@ -67,7 +69,6 @@ class Predictor:
         height, width = dataset["image_size"]
         self.image_shape = (height, width, dataset["channels"])
         self.synthetic = bool(dataset.get("synthetic"))
-        self.threshold = evaluation.get("models", {}).get(self.model_name, {}).get("threshold")
         self.kind = kind
         self.keras_model = None
         self.lite_model = None
@@ -85,13 +86,6 @@ class Predictor:
             if not path.exists():
                 raise PredictError(f"{path} does not exist: run notebook 07 (make reports) to export it")
             self.lite_model = LiteModel.load(path)
-
-    def _best_by_validation(self) -> str:
-        summaries = {p.parent.name: json.loads(p.read_text()).get("val_auc", 0.0)
-                     for p in (self.run_dir / "models").glob("*/summary.json")}
-        if not summaries:
-            raise PredictError(f"no trained model with a summary in {self.run_dir}/models")
-        return max(summaries, key=summaries.get)
 
     @property
     def binary(self) -> bool:

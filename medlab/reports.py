@@ -190,9 +190,18 @@ def _collect_metrics(run_dir: Path, dataset: str, name: str, timings: dict, para
         "git_commit": git_commit(),
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "cpu_count": _cpu_count()},
+                    "cpu_count": config.cpu_count()},
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def warn(message: str) -> None:
+    """A warning a notebook reader cannot miss: a red box in the notebook, a WARNING line in logs."""
+    from IPython.display import HTML, display
+
+    display(HTML("<div style='border:3px solid #c00;background:#fee;padding:8px;color:#900'>"
+                 f"<b>WARNING: {html.escape(message)}</b></div>"))
+    print(f"WARNING: {message}")
 
 
 HEADLINE_METRICS = ("roc_auc", "recall", "specificity", "precision", "accuracy")
@@ -279,12 +288,6 @@ def model_card(metrics: dict) -> str:
         f"(seeded; versions in metrics.json).", "",
     ]
     return "\n".join(lines)
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:

@@ -146,3 +146,19 @@ def test_evaluate_model_and_threshold_table():
     result = evaluate_model(multi)
     assert result["test"]["accuracy"] == 1.0 and "threshold" not in result
     assert threshold_table([result])["m"].to_dict() == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def test_chosen_model_prefers_lesson_06_then_validation_auc(tmp_path):
+    from medlab.evaluate import chosen_model
+
+    for name, auc in (("scratch_cnn", 0.97), ("transfer", 0.99)):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "summary.json").write_text(json.dumps({"val_auc": auc}))
+    assert chosen_model(tmp_path) == ("transfer", None)  # no evaluation record: best validation AUC
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "evaluation.json").write_text(json.dumps({
+        "best_model_by_val_auc": "scratch_cnn", "models": {"scratch_cnn": {"threshold": 0.3}}}))
+    assert chosen_model(tmp_path) == ("scratch_cnn", 0.3)
+    assert chosen_model(tmp_path, "transfer") == ("transfer", None)
+    with pytest.raises(FileNotFoundError, match="03-05"):
+        chosen_model(tmp_path / "empty")

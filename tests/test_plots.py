@@ -30,4 +30,4 @@ def test_every_eda_figure_draws_and_saves(dataset, tmp_path):
     assert len(figures["samples"].axes) == 4 * 3
     assert any("SYNTHETIC" in text.get_text() for text in figures["counts"].texts)
     assert plots.save_figure(figures["counts"], "", "nothing") is None
-    assert plots.plot_image_size_scatter(dataset) is None  # arrays have no source sizes
+    assert plots.plot_source_sizes(dataset) is None  # arrays have no source sizes
