@@ -26,25 +26,30 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medlab.models import last_conv_layer_name
+from medlab.models import gradcam_layer_names
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer name: probe model}
 
 
-def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = None,
+def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | list[str] | None = None,
             class_index: int | None = None, batch_size: int = 32) -> np.ndarray:
     """Heatmaps in [0, 1], shape (N, H, W) at the input resolution.
 
     Args:
-        layer_name: convolution layer to explain; default the model's last one.
+        layer_name: convolution layer to explain, or several; default the
+            model's last one, or for an averaged model (see
+            :func:`medlab.models.average_models`) each member's last one.
+            Several layers are explained together, as if their feature maps
+            were one layer: the members' weighted maps are summed before the
+            ReLU, which is Grad-CAM of the averaged logit.
         class_index: the class whose evidence is shown; default the positive
             class for a sigmoid model and the predicted class for a softmax.
     """
-    layer_name = layer_name or last_conv_layer_name(model)
+    names = tuple([layer_name] if isinstance(layer_name, str) else (layer_name or gradcam_layer_names(model)))
     probes = _PROBES.setdefault(model, {})
-    if layer_name not in probes:  # building the two-output model costs more than a small batch
-        probes[layer_name] = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
-    probe = probes[layer_name]
+    if names not in probes:  # building the probe model costs more than a small batch
+        probes[names] = keras.Model(model.inputs, [[model.get_layer(name).output for name in names], model.output])
+    probe = probes[names]
     heatmaps = []
     for start in range(0, len(images), batch_size):
         batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], dtype="float32"))
@@ -61,9 +66,14 @@ def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = Non
                     tf.fill([tf.shape(predictions)[0]], tf.cast(class_index, tf.int64))
                 score = tf.math.log(tf.gather(probabilities, chosen, axis=1, batch_dims=1))
         gradients = tape.gradient(score, feature_maps)
-        weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * feature_maps, axis=-1))
-        cam = tf.image.resize(cam[..., None], batch.shape[1:3], method="bilinear")[..., 0]
+        weighted = 0.0
+        for maps, grads in zip(feature_maps, gradients):  # summed at the first layer's resolution
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            layer_map = tf.reduce_sum(weights * maps, axis=-1)[..., None]
+            if layer_map.shape[1:3] != feature_maps[0].shape[1:3]:
+                layer_map = tf.image.resize(layer_map, feature_maps[0].shape[1:3], method="bilinear")
+            weighted += layer_map
+        cam = tf.image.resize(tf.nn.relu(weighted), batch.shape[1:3], method="bilinear")[..., 0]
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
         heatmaps.append((cam / tf.maximum(peak, 1e-12)).numpy())
     return np.concatenate(heatmaps)

@@ -49,6 +49,9 @@ def logit_model(model: keras.Model) -> tuple[keras.Model, str | None]:
     """
     last = model.layers[-1]
     activation = getattr(getattr(last, "activation", None), "__name__", None)
+    if isinstance(last, keras.layers.Activation) and activation in {"sigmoid", "softmax"}:
+        # an averaged model (medlab.models.average_models): its logits are the layer's input
+        return keras.Model(model.inputs, last.input, name=f"{model.name}_logits"), activation
     if not isinstance(last, keras.layers.Dense) or activation not in {"sigmoid", "softmax"}:
         return model, None
     dense = keras.layers.Dense(last.units, name=f"{last.name}_logits")

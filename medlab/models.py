@@ -106,6 +106,69 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
     return keras.Model(inputs, _output_layer(x, num_classes), name="scratch_cnn")
 
 
+MEMBER_PREFIX = "member"  # layers of the k-th member of an averaged model are named member<k>_<name>
+
+
+def average_models(members: list[keras.Model], name: str = "ensemble") -> keras.Model:
+    """One flat model that averages the logits of several trained models with the same input.
+
+    Each member must be a single chain of layers (as :func:`build_scratch_cnn`
+    makes) ending in a sigmoid or softmax ``Dense`` layer. Its layers are
+    rebuilt side by side on one shared input, renamed ``member<k>_<name>``,
+    with their trained weights; the members' logits are averaged and the
+    activation applied once. Flat, not nested, so Grad-CAM reaches every
+    member's convolutions (:func:`gradcam_layer_names`) and export and
+    prediction treat it like any other model. One member comes back as it is.
+    """
+    if not members:
+        raise ValueError("average_models needs at least one model")
+    if len(members) == 1:
+        return members[0]
+    shapes = {tuple(member.input_shape[1:]) for member in members}
+    if len(shapes) != 1:
+        raise ValueError(f"members take different input shapes: {sorted(shapes)}")
+    inputs = keras.Input(shape=shapes.pop(), name="image")
+    logits, activations = [], set()
+    for index, member in enumerate(members, start=1):
+        x = inputs
+        chain = [layer for layer in member.layers if not isinstance(layer, layers.InputLayer)]
+        for layer in chain:
+            if len(layer._inbound_nodes) != 1:
+                raise ValueError(f"{member.name}: layer {layer.name} is used more than once; members must be chains")
+            config = {**layer.get_config(), "name": f"{MEMBER_PREFIX}{index}_{layer.name}"}
+            if layer is chain[-1]:
+                activation = config.get("activation")
+                if not isinstance(layer, layers.Dense) or activation not in {"sigmoid", "softmax"}:
+                    raise ValueError(f"{member.name} must end in a sigmoid or softmax Dense layer")
+                activations.add(activation)
+                config["activation"] = "linear"
+            rebuilt = layer.__class__.from_config(config)
+            x = rebuilt(x)
+            rebuilt.set_weights(layer.get_weights())
+            if isinstance(rebuilt, layers.Normalization):
+                rebuilt.finalize_state()  # its adapted mean and variance, as loading a saved model does
+        logits.append(x)
+    if len(activations) != 1 or len({tuple(x.shape) for x in logits}) != 1:
+        raise ValueError("members must have the same outputs")
+    averaged = layers.Average(name="average_logits")(logits)
+    outputs = layers.Activation(activations.pop(), name=f"{HEAD_PREFIX}output")(averaged)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def gradcam_layer_names(model: keras.Model) -> list[str]:
+    """Grad-CAM's target layers: the last convolution, or of an averaged model each member's last one."""
+    prefixes = sorted({layer.name.split("_", 1)[0] for layer in model.layers
+                       if layer.name.startswith(MEMBER_PREFIX) and layer.name.split("_", 1)[0][6:].isdigit()})
+    if not prefixes:
+        return [last_conv_layer_name(model)]
+    names = []
+    for prefix in prefixes:
+        convolutions = [layer.name for layer in model.layers if layer.name.startswith(prefix + "_")
+                        and isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D))]
+        names.append(convolutions[-1])
+    return names
+
+
 @dataclass
 class TransferInfo:
     """What happened to the pretrained weights: reports must say so when they are missing."""

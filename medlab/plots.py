@@ -171,12 +171,20 @@ def plot_image_batch(images: np.ndarray, labels: np.ndarray, class_names: list[s
 
 
 def plot_history(history: pd.DataFrame, title: str = "training history"):
-    """Loss, accuracy, recall and ROC-AUC per epoch, training vs validation."""
+    """Loss, accuracy, recall and ROC-AUC per epoch, training vs validation.
+
+    A ``member`` column (from :func:`medlab.train.train_members`) gives one
+    pair of lines per ensemble member, labelled by its seed.
+    """
     metrics = [m for m in ("loss", "accuracy", "recall", "auc") if m in history and f"val_{m}" in history]
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
+    groups = list(history.groupby("member", sort=False)) if "member" in history else [(None, history)]
     for axis, metric in zip(axes[0], metrics):
-        axis.plot(history.index, history[metric], marker=".", label="train")
-        axis.plot(history.index, history[f"val_{metric}"], marker=".", label="validation")
+        for index, (member, table) in enumerate(groups):
+            suffix = "" if member is None or len(groups) == 1 else f" (seed {member})"
+            axis.plot(table.index, table[metric], marker=".", color=f"C{2 * index}", label="train" + suffix)
+            axis.plot(table.index, table[f"val_{metric}"], marker=".", color=f"C{2 * index + 1}",
+                      label="validation" + suffix)
         axis.set_title(metric, fontsize=10)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)

@@ -59,3 +59,16 @@ def test_pointing_game_checks_shapes():
         pointing_game(np.zeros((2, 4, 4)), np.zeros((2, 5, 5), bool))
     with pytest.raises(ValueError):
         pointing_game(np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool))
+
+
+def test_gradcam_of_an_averaged_model_sums_its_members(planted):
+    from medlab.models import average_models
+
+    model, images, labels, masks = planted
+    positives = np.nonzero(labels)[0][:20]
+    twice = average_models([model, model])  # two identical members: the same evidence as one
+    assert len({layer.name for layer in twice.layers}) == len(twice.layers)
+    np.testing.assert_allclose(gradcam(twice, images[positives]), gradcam(model, images[positives]), atol=1e-4)
+    # One member alone explains only its own part of the average.
+    alone = gradcam(twice, images[positives], layer_name="member1_block1_conv")
+    np.testing.assert_allclose(alone, gradcam(model, images[positives]), atol=1e-4)

@@ -124,3 +124,15 @@ def test_compare_variants_table(trained, tmp_path):
     assert table.loc["float32", "size_vs_float32"] == 1.0 and table.loc["int8", "size_vs_float32"] < 1.0
     assert table.loc["keras", "decision_agreement"] == 1.0 and table["latency_ms"].min() > 0
     assert sorted(p.name for p in (tmp_path / "tflite").glob("*.tflite")) == sorted(f"m_{v}.tflite" for v in VARIANTS)
+
+
+def test_logit_model_of_an_averaged_model(trained):
+    from medlab.export import logit_model
+    from medlab.models import average_models
+
+    model, data = trained
+    averaged = average_models([model, model])
+    logits, activation = logit_model(averaged)
+    assert activation == "sigmoid"
+    raw = logits.predict(data.test.images.astype("float32"), verbose=0)[:, 0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-raw)), predict(model, data.test), atol=1e-5)

@@ -131,3 +131,32 @@ def test_saved_transfer_model_loads_with_its_custom_layer(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     batch = np.random.default_rng(0).uniform(0, 255, (3, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_average_models_averages_logits_in_one_flat_graph(num_classes, tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (16, 24, 24, 1)).astype("float32")
+    members = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        members.append(build_scratch_cnn((24, 24, 1), num_classes, images * (1 + seed / 10), filters=(4, 8),
+                                         dense_units=8))
+    averaged = models.average_models(members, name="scratch_cnn")
+    assert not any(isinstance(layer, keras.Model) for layer in averaged.layers)  # flat, nothing nested
+    assert models.gradcam_layer_names(averaged) == ["member1_block2_conv", "member2_block2_conv",
+                                                    "member3_block2_conv"]
+    assert models.gradcam_layer_names(members[0]) == ["block2_conv"]
+    logits = [keras.Model(m.input, m.layers[-1].input)(images) for m in members]  # each member's head input
+    logits = np.mean([m.layers[-1].kernel.numpy().T @ np.asarray(h).T + m.layers[-1].bias.numpy()[:, None]
+                      for m, h in zip(members, logits)], axis=0).T
+    expected = 1 / (1 + np.exp(-logits)) if num_classes == 2 else np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, atol=1e-5)
+    averaged.save(tmp_path / "averaged.keras")  # saves and loads like any model
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "averaged.keras").predict(images, verbose=0),
+                               expected, atol=1e-5)
+    assert models.average_models(members[:1]) is members[0]
+    with pytest.raises(ValueError, match="input shapes"):
+        models.average_models([members[0], build_scratch_cnn((32, 32, 1), num_classes, filters=(4,))])
+    with pytest.raises(ValueError, match="at least one"):
+        models.average_models([])

@@ -97,3 +97,57 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     """).replace("MODEL_DIR", str(tmp_path))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "REPLICAS 2 EPOCHS 1" in result.stdout, result.stderr[-2000:]
+
+
+def test_precise_batchnorm_sets_statistics_of_the_training_batches():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(32, 16, 16, 1)).astype("float32")
+    model = build_scratch_cnn((16, 16, 1), 2, images, filters=(4, 8), dense_units=8, dropout=0.0)
+    model(images[:8], training=True)  # moving statistics now far from the data's
+    precise = PreciseBatchNorm(images, batch_size=32, max_batches=1, seed=0)  # one batch: all 32 images
+    precise.set_model(model)
+    precise.recalibrate()
+    # With the statistics of exactly this batch, inference mode reproduces training mode on it.
+    np.testing.assert_allclose(model(images, training=False), model(images, training=True), atol=1e-4)
+
+    # Several batches: the moving mean is the average of the per-batch means.
+    first_bn = model.get_layer("block1_bn")
+    conv_inputs = keras.Model(model.input, first_bn.input)
+    precise = PreciseBatchNorm(images, batch_size=8, max_batches=4, seed=0)
+    precise.set_model(model)
+    precise.recalibrate()
+    batch_means = [np.asarray(conv_inputs(batch)).mean(axis=(0, 1, 2)) for batch in precise.batches]
+    np.testing.assert_allclose(first_bn.moving_mean.numpy(), np.mean(batch_means, axis=0), rtol=1e-4, atol=1e-4)
+    batch_variances = [np.asarray(conv_inputs(batch)).var(axis=(0, 1, 2)) for batch in precise.batches]
+    np.testing.assert_allclose(first_bn.moving_variance.numpy(), np.mean(batch_variances, axis=0), rtol=1e-3, atol=1e-4)
+
+
+def test_train_members_saves_one_averaged_model(tiny, tmp_path):
+    from medlab.train import member_seeds, train_members
+
+    assert member_seeds(5, 3) == [5, 1005, 2005]
+    with pytest.raises(ValueError):
+        member_seeds(5, 0)
+    built = []
+
+    def build_model():
+        built.append(1)
+        return compile_model(build_scratch_cnn((32, 32, 1), 2, tiny.train.images, filters=(4,), dense_units=4), 2)
+
+    history = train_members(build_model, tiny, tmp_path, TrainConfig(max_epochs=1, batch_size=16, seed=5), members=2,
+                            augmentation=lambda seed: build_augmentation(seed=seed), verbose=0)
+    assert len(built) == 2 and sorted(history["member"].unique()) == [5, 1005]
+    assert (tmp_path / "members" / "seed5" / "best.keras").exists()
+    assert (tmp_path / "members" / "seed1005" / "best.keras").exists()
+    averaged = keras.saving.load_model(tmp_path / "best.keras")
+    assert averaged.name == "scratch_cnn" and averaged.layers[-1].name == "medlab_output"
+    training = json.loads((tmp_path / "training.json").read_text())
+    assert training["member_seeds"] == [5, 1005] and training["epochs_run"] == 2
+    assert training["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in training["members"]), abs=0.2)
+    assert summarise_model(tmp_path, tiny)["val_auc"] >= 0.0
+
+
+def test_default_members_depends_on_image_size():
+    from medlab.train import default_members
+
+    assert default_members((28, 28, 1)) == 3 and default_members((64, 64, 1)) == 1
