@@ -158,7 +158,7 @@ def average_models(members: list[keras.Model], name: str = "ensemble") -> keras.
 def gradcam_layer_names(model: keras.Model) -> list[str]:
     """Grad-CAM's target layers: the last convolution, or of an averaged model each member's last one."""
     prefixes = sorted({layer.name.split("_", 1)[0] for layer in model.layers
-                       if layer.name.startswith(MEMBER_PREFIX) and layer.name.split("_", 1)[0][6:].isdigit()})
+                       if layer.name.split("_", 1)[0].removeprefix(MEMBER_PREFIX).isdigit()})
     if not prefixes:
         return [last_conv_layer_name(model)]
     names = []

@@ -229,8 +229,9 @@ def default_members(image_shape: tuple[int, ...]) -> int:
     """How many scratch CNNs lesson 03 averages when not told: 3 for images up to 32 px, else 1.
 
     A 28 px model trains in about a minute on two CPU cores, so three fit in
-    the time one 64 px model takes; averaging three cuts the seed-to-seed
-    spread of test accuracy (about one point on PneumoniaMNIST).
+    the time one 64 px model takes. On PneumoniaMNIST (``make bench``, three
+    seeds) three members with patience 10 raised test accuracy at 0.5 from
+    0.913 to 0.924 and ROC-AUC from 0.977 to 0.981 over one member with patience 6.
     """
     return 3 if max(image_shape[:2]) <= 32 else 1
 
