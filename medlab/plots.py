@@ -174,7 +174,7 @@ def plot_history(history: pd.DataFrame, title: str = "training history"):
     """Loss, accuracy, recall and ROC-AUC per epoch, training vs validation.
 
     A ``member`` column (from :func:`medlab.train.train_members`) gives one
-    pair of lines per ensemble member, labelled by its seed.
+    pair of lines per ensemble member in its own colour (validation dashed).
     """
     metrics = [m for m in ("loss", "accuracy", "recall", "auc") if m in history and f"val_{m}" in history]
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
@@ -182,8 +182,9 @@ def plot_history(history: pd.DataFrame, title: str = "training history"):
     for axis, metric in zip(axes[0], metrics):
         for index, (member, table) in enumerate(groups):
             suffix = "" if member is None or len(groups) == 1 else f" (seed {member})"
-            axis.plot(table.index, table[metric], marker=".", color=f"C{2 * index}", label="train" + suffix)
-            axis.plot(table.index, table[f"val_{metric}"], marker=".", color=f"C{2 * index + 1}",
+            colours = ("C0", "C1") if len(groups) == 1 else (f"C{index}", f"C{index}")  # a member: one colour
+            axis.plot(table.index, table[metric], marker=".", color=colours[0], label="train" + suffix)
+            axis.plot(table.index, table[f"val_{metric}"], marker=".", linestyle="--", color=colours[1],
                       label="validation" + suffix)
         axis.set_title(metric, fontsize=10)
         axis.set_xlabel("epoch")

@@ -31,3 +31,20 @@ def test_every_eda_figure_draws_and_saves(dataset, tmp_path):
     assert any("SYNTHETIC" in text.get_text() for text in figures["counts"].texts)
     assert plots.save_figure(figures["counts"], "", "nothing") is None
     assert plots.plot_source_sizes(dataset) is None  # arrays have no source sizes
+
+
+def test_history_draws_train_and_validation_per_member():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    epochs = pd.RangeIndex(1, 4, name="epoch")
+    one = pd.DataFrame({"loss": [0.6, 0.4, 0.3], "val_loss": [0.7, 0.5, 0.45],
+                        "auc": [0.7, 0.8, 0.9], "val_auc": [0.65, 0.75, 0.8]}, index=epochs)
+    figure = plots.plot_history(one)
+    assert [len(axis.lines) for axis in figure.axes] == [2, 2]  # loss and auc: train and validation
+    members = pd.concat([one.assign(member=0), one.assign(member=1000)])
+    figure = plots.plot_history(members)
+    assert [len(axis.lines) for axis in figure.axes] == [4, 4]
+    labels = [line.get_label() for line in figure.axes[0].lines]
+    assert labels == ["train (seed 0)", "validation (seed 0)", "train (seed 1000)", "validation (seed 1000)"]
+    plt.close("all")
