@@ -161,12 +161,7 @@ def gradcam_layer_names(model: keras.Model) -> list[str]:
                        if layer.name.split("_", 1)[0].removeprefix(MEMBER_PREFIX).isdigit()})
     if not prefixes:
         return [last_conv_layer_name(model)]
-    names = []
-    for prefix in prefixes:
-        convolutions = [layer.name for layer in model.layers if layer.name.startswith(prefix + "_")
-                        and isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D))]
-        names.append(convolutions[-1])
-    return names
+    return [last_conv_layer_name(model, prefix=f"{prefix}_") for prefix in prefixes]
 
 
 @dataclass
@@ -288,12 +283,13 @@ def unfreeze_top_layers(model: keras.Model, count: int) -> int:
     return unfrozen
 
 
-def last_conv_layer_name(model: keras.Model) -> str:
-    """The last layer with a 4D output that is a convolution: Grad-CAM's default target."""
+def last_conv_layer_name(model: keras.Model, prefix: str = "") -> str:
+    """The last convolution layer (whose name starts with ``prefix``): Grad-CAM's default target."""
     for layer in reversed(model.layers):
-        if isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)):
+        if layer.name.startswith(prefix) and isinstance(
+                layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)):
             return layer.name
-    raise ValueError(f"model {model.name} has no convolution layer")
+    raise ValueError(f"model {model.name} has no convolution layer" + (f" named {prefix}*" if prefix else ""))
 
 
 def count_trainable_layers(model: keras.Model) -> int:

@@ -144,7 +144,18 @@ def test_train_members_saves_one_averaged_model(tiny, tmp_path):
     training = json.loads((tmp_path / "training.json").read_text())
     assert training["member_seeds"] == [5, 1005] and training["epochs_run"] == 2
     assert training["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in training["members"]), abs=0.2)
-    assert summarise_model(tmp_path, tiny)["val_auc"] >= 0.0
+    # The saved model is the members' average: its predictions are the mean of their logits.
+    images = tiny.val.images.astype("float32")
+    member_logits = []
+    for seed in (5, 1005):
+        probabilities = keras.saving.load_model(tmp_path / "members" / f"seed{seed}" / "best.keras").predict(
+            images, verbose=0)[:, 0].astype("float64")
+        member_logits.append(np.log(probabilities / (1 - probabilities)))
+    expected = 1 / (1 + np.exp(-np.mean(member_logits, axis=0)))
+    np.testing.assert_allclose(averaged.predict(images, verbose=0)[:, 0], expected, atol=1e-4)
+    summarise_model(tmp_path, tiny)
+    saved = pd.read_csv(tmp_path / "predictions_val.csv")["p_pneumonia"].to_numpy()
+    np.testing.assert_allclose(saved, expected, atol=1e-4)
 
 
 def test_default_members_depends_on_image_size():
