@@ -7,6 +7,9 @@ table: per model the mean and standard deviation of test AUC, accuracy at
 time; the data-pipeline ratios; the int8 TFLite size and parity; the report's
 wall time. Also written as ``reports/bench/bench.json`` and ``bench.md``.
 
+``speed``: training FLOP/s against this CPU's attainable rate, the cost of
+each training overhead, and the wall time of each lesson (:mod:`medlab.speed`).
+
 ``data``: for a PNG folder of generated images (5,000 by default), the
 images/s of
 
@@ -130,7 +133,8 @@ def default_bench_dataset() -> str:
     return "synthetic"
 
 
-def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000) -> dict:
+def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000,
+                   skip_bad_files: bool = False) -> dict:
     """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary."""
     from medlab.reports import run_name, run_reports
 
@@ -139,12 +143,14 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
     for seed in range(seeds):
         name = f"bench-{run_name(dataset)}-seed{seed}"
         started = time.perf_counter()
-        folder = run_reports(dataset, parameters={"seed": seed}, name=name)
+        folder = run_reports(dataset, parameters={"seed": seed, "skip_bad_files": skip_bad_files}, name=name)
         wall = time.perf_counter() - started
         metrics = json.loads((folder / "metrics.json").read_text())
         runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})
+    from medlab.speed import speed_benchmark
+
     return {"dataset": dataset, "seeds": seeds, "runs": runs, "summary": summarise_runs(runs),
-            "data_pipeline": data_benchmark(data_images)}
+            "data_pipeline": data_benchmark(data_images), "speed": speed_benchmark(runs[0]["folder"])}
 
 
 def summarise_runs(runs: list[dict]) -> dict:
@@ -212,6 +218,10 @@ def markdown_table(result: dict) -> str:
                      f"vs Keras, decision agreement {int8['decision_agreement']:.1%}.")
     wall = summary["_report_wall_time_s"]
     lines.append(f"`make reports` wall time: {wall['mean']:.0f} s mean ({', '.join(f'{v:.0f}' for v in wall['values'])}).")
+    if "speed" in result:
+        from medlab.speed import markdown
+
+        lines += ["", "Training speed (`medlab bench speed`):", "", markdown(result["speed"])]
     return "\n".join(lines)
 
 

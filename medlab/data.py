@@ -356,7 +356,7 @@ def _load_npz(path: Path, image_size: int | None, channels: int | None, seed: in
 
     notes: list[str] = []
     if not has_val:
-        splits["train"], splits["val"], note = _carve_validation(
+        splits["train"], splits["val"], note = carve_validation(
             splits["train"], validation_fraction, seed, None)
         notes.append(note)
     if manifest is not None:
@@ -411,11 +411,43 @@ def _convert(dataset: Dataset, image_size: int | None, channels: int | None) -> 
     return Dataset(replace(info, image_size=target_size, channels=target_channels, notes=notes), splits)
 
 
-def _carve_validation(train: Split, fraction: float, seed: int, patient_ids: list[str] | None):
-    """Move a stratified share of ``train`` to a new validation split, keeping patients together."""
+def carve_groups(train: Split, patient_ids: list[str] | None = None) -> np.ndarray:
+    """Group numbers for carving validation: images of one patient, and identical images, share a group.
+
+    Identical images (same content hash) in two splits would let the
+    validation score reward memorisation, so they are kept together like a
+    patient's images; groups that share a patient or a copy are merged.
+    """
+    parent = list(range(len(train)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    for keys in (patient_ids, train.hashes):
+        first: dict[str, int] = {}
+        for index, key in enumerate(keys or []):
+            if not key:
+                continue
+            if key in first:
+                parent[root(index)] = root(first[key])
+            else:
+                first[key] = index
+    return np.array([root(index) for index in range(len(train))])
+
+
+def carve_validation(train: Split, fraction: float, seed: int, patient_ids: list[str] | None = None):
+    """Move a stratified share of ``train`` to a new validation split, keeping patients and copies together.
+
+    ``patient_ids`` (one per image, or ``None`` when file names carry none)
+    and identical images are grouped by :func:`carve_groups`. Returns
+    ``(train, val, note)``; the note says how the split was grouped.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    groups = patient_ids if patient_ids is not None else [str(i) for i in range(len(train))]
+    groups = carve_groups(train, patient_ids)
     smallest_class = np.bincount(train.labels).min()
     folds = min(round(1.0 / fraction), len(set(groups)), int(smallest_class))
     if folds < 2:
@@ -425,11 +457,14 @@ def _carve_validation(train: Split, fraction: float, seed: int, patient_ids: lis
         )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     train_index, val_index = next(splitter.split(np.zeros(len(train)), train.labels, groups))
-    grouped = patient_ids is not None and len(set(patient_ids)) < len(patient_ids)
+    patients = len(set(patient_ids)) if patient_ids is not None else len(train)
+    copies = len(train) - len(set(h for h in train.hashes if h)) - sum(1 for h in train.hashes if not h)
     note = (
         f"no validation split in the source: {len(val_index)} of {len(train)} training images "
-        f"(about {fraction:.0%}, stratified, seed {seed}) moved to 'val'"
-        + (f", grouped by patient ({len(set(patient_ids))} patients) so none is in two splits" if grouped else "")
+        f"(about {fraction:.0%}, stratified, seed {seed}) moved to 'val'; "
+        + (f"grouped by patient ({patients} patients) so none is in two splits"
+           if patients < len(train) else "file names carry no patient id, so this split is NOT grouped by patient")
+        + (f"; {copies} exact copies kept in the split of their original" if copies else "")
     )
     return train.take(np.sort(train_index)), train.take(np.sort(val_index)), note
 
@@ -466,4 +501,8 @@ def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffl
     dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augmentation is not None:
         dataset = dataset.map(lambda x, y: (augmentation(x, training=True), y))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # One thread per op inside the pipeline: on a 2-core CPU, augmentation ops that each used every core
+    # fought the training step for them and made some epochs twice as long (medlab bench speed).
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -51,24 +51,30 @@ def get_strategy(kind: str = "auto") -> tf.distribute.Strategy:
     raise ValueError(f"strategy must be 'auto', 'mirrored' or 'default', got {kind!r}")
 
 
-def compile_model(model: keras.Model, num_classes: int, learning_rate: float = 1e-3) -> keras.Model:
-    """Adam, the right cross-entropy, and accuracy, precision, recall, ROC-AUC and PR-AUC."""
+def compile_model(model: keras.Model, num_classes: int, learning_rate: float = 1e-3,
+                  metrics: str = "training") -> keras.Model:
+    """Adam, the right cross-entropy, and the metrics that ``fit`` tracks each epoch.
+
+    ``metrics="training"`` (the default): accuracy, recall and ROC-AUC, which
+    the checkpoint, early stopping and the learning curves read;
+    ``"full"`` adds precision and PR-AUC; ``"loss"``: none (what
+    ``medlab bench speed`` compares against). Lesson 06 computes every
+    metric, with confidence intervals, once on the chosen checkpoint.
+    """
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if metrics not in ("training", "full", "loss"):
+        raise ValueError(f"metrics must be 'training', 'full' or 'loss', got {metrics!r}")
     loss = "binary_crossentropy" if num_classes == 2 else "categorical_crossentropy"
     accuracy = keras.metrics.BinaryAccuracy(name="accuracy") if num_classes == 2 else \
         keras.metrics.CategoricalAccuracy(name="accuracy")
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=loss,
-        metrics=[
-            accuracy,
-            keras.metrics.Precision(name="precision"),
-            keras.metrics.Recall(name="recall"),
-            keras.metrics.AUC(name="auc"),
-            keras.metrics.AUC(curve="PR", name="pr_auc"),
-        ],
-    )
+    tracked = {
+        "loss": [],
+        "training": [accuracy, keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
+        "full": [accuracy, keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall"),
+                 keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="pr_auc")],
+    }[metrics]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=tracked)
     return model
 
 
@@ -84,10 +90,23 @@ class TrainConfig:
     reduce_lr_patience: int = 3
     class_weighting: bool = True
     seed: int = config.DEFAULT_SEED
+    schedule: str = "plateau"  # "plateau": halve the rate when val loss stalls; "cosine": warm up, then cosine to 0
+    warmup_epochs: int = 1  # cosine only: epochs of linear warm-up to learning_rate
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("max_epochs and batch_size must be positive")
+        if self.schedule not in ("plateau", "cosine"):
+            raise ValueError(f"schedule must be 'plateau' or 'cosine', got {self.schedule!r}")
+
+
+def cosine_learning_rate(epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``cfg.warmup_epochs``, then a half cosine from ``learning_rate`` to 0 at ``max_epochs``."""
+    warmup = min(cfg.warmup_epochs, cfg.max_epochs - 1)
+    if epoch < warmup:
+        return cfg.learning_rate * (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(cfg.max_epochs - warmup, 1)
+    return float(cfg.learning_rate * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
 class PreciseBatchNorm(keras.callbacks.Callback):
@@ -104,7 +123,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     validation, checkpoints and early stopping see the model as it will be used.
     """
 
-    def __init__(self, images: np.ndarray, batch_size: int = 64, max_batches: int = 16,
+    def __init__(self, images: np.ndarray, batch_size: int = 64, max_batches: int = 8,
                  seed: int = config.DEFAULT_SEED):
         super().__init__()
         rng = np.random.default_rng(seed)
@@ -166,7 +185,8 @@ def make_callbacks(model_dir: Path, cfg: TrainConfig, training_images: np.ndarra
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=cfg.reduce_lr_patience,
-                                          min_lr=1e-6),
+                                          min_lr=1e-6) if cfg.schedule == "plateau" else
+        keras.callbacks.LearningRateScheduler(lambda epoch: cosine_learning_rate(epoch, cfg)),
         keras.callbacks.CSVLogger(model_dir / "history.csv"),
     ]
 
@@ -216,6 +236,71 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     }
     (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return table
+
+
+def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """What a transfer model's frozen part makes of ``images``: the pooled backbone features (N, D)."""
+    from medlab.models import HEAD_PREFIX
+
+    extractor = keras.Model(model.input, model.get_layer(f"{HEAD_PREFIX}pool").output)
+    return extractor.predict(np.asarray(images, dtype="float32"), batch_size=batch_size, verbose=0)
+
+
+def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
+                      augmentation=None, augmented_copies: int = 2, learning_rate: float = 1e-3,
+                      verbose: int = 2) -> pd.DataFrame:
+    """Train only the head of a transfer model whose backbone is frozen, on features computed once.
+
+    A frozen backbone gives the same features every epoch, so running it
+    every epoch (the expensive part of the network) is waste: the training
+    images go through it once, plus ``augmented_copies`` randomly augmented
+    copies (each copy one more pass), the validation images once; the head
+    (dropout and the output layer) is then trained on those features by
+    :func:`train_model`, with the same callbacks. The best head's weights are
+    put back into ``model``, which is saved as ``model_dir/best.keras``: one
+    flat model, as for every other lesson.
+    """
+    from medlab.models import HEAD_PREFIX, backbone_layers
+
+    if any(layer.trainable for layer in backbone_layers(model)):
+        raise ValueError("train_frozen_head needs a frozen backbone; use train_model to train the whole network")
+    if augmented_copies < 0:
+        raise ValueError(f"augmented_copies must be non-negative, got {augmented_copies}")
+    model_dir = Path(model_dir)
+    train, started = dataset.train, time.perf_counter()
+    features = [frozen_features(model, train.images)]
+    for _copy in range(augmented_copies if augmentation is not None else 0):
+        augmented = np.concatenate([
+            augmentation(train.images[start:start + 256].astype("float32"), training=True).numpy()
+            for start in range(0, len(train), 256)])
+        features.append(frozen_features(model, augmented))
+    copies = len(features)
+    feature_splits = {
+        "train": Split(np.concatenate(features), np.tile(train.labels, copies), train.ids * copies,
+                       train.hashes * copies),
+        "val": Split(frozen_features(model, dataset.val.images), dataset.val.labels, dataset.val.ids,
+                     dataset.val.hashes),
+        "test": dataset.test,  # not used for training
+    }
+    feature_seconds = time.perf_counter() - started
+    # A flat functional model lists its layers in graph order: after the pooling come the head's.
+    head_layers = model.layers[model.layers.index(model.get_layer(f"{HEAD_PREFIX}pool")) + 1:]
+    head_input = keras.Input(shape=features[0].shape[1:], name="features")
+    x = head_input
+    for layer in head_layers:
+        x = layer.__class__.from_config(layer.get_config())(x)
+    head = compile_model(keras.Model(head_input, x, name="head"), dataset.info.num_classes, learning_rate)
+    history = train_model(head, Dataset(dataset.info, feature_splits), model_dir, cfg, verbose=verbose)
+    best_head = keras.saving.load_model(model_dir / "best.keras")
+    for layer in head_layers:
+        layer.set_weights(best_head.get_layer(layer.name).get_weights())
+    model.save(model_dir / "best.keras")
+    training = json.loads((model_dir / "training.json").read_text())
+    training.update({"head_on_cached_features": True, "augmented_copies": copies - 1,
+                     "feature_seconds": round(feature_seconds, 1), "parameters": int(model.count_params()),
+                     "train_seconds": round(training["train_seconds"] + feature_seconds, 1)})
+    (model_dir / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    return history
 
 
 def member_seeds(seed: int, members: int) -> list[int]:

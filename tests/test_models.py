@@ -160,3 +160,54 @@ def test_average_models_averages_logits_in_one_flat_graph(num_classes, tmp_path)
         models.average_models([members[0], build_scratch_cnn((32, 32, 1), num_classes, filters=(4,))])
     with pytest.raises(ValueError, match="at least one"):
         models.average_models([])
+
+
+def test_fused_batchnorm_trains_like_keras_batchnorm():
+    """Same outputs, gradients and moving statistics as Keras' BatchNormalization; inference is Keras' own."""
+    import tensorflow as tf
+
+    inputs = np.random.default_rng(0).normal(2.0, 3.0, (8, 5, 5, 4)).astype("float32")
+    keras_bn = keras.layers.BatchNormalization(momentum=0.9)
+    fused_bn = models.FusedBatchNormalization(momentum=0.9)
+    for layer in (keras_bn, fused_bn):
+        layer.build(inputs.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 4))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 4))
+    outputs, gradients = [], []
+    weights = tf.constant(np.random.default_rng(1).normal(size=inputs.shape).astype("float32"))
+    for layer in (keras_bn, fused_bn):
+        with tf.GradientTape() as tape:
+            x = tf.constant(inputs)
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.sin(y) * weights)  # a loss whose gradients are far from zero
+        outputs.append(y.numpy())
+        gradients.append([g.numpy() for g in tape.gradient(loss, [x, layer.gamma, layer.beta])])
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-4)
+    for fused, reference in zip(gradients[1], gradients[0]):
+        assert np.abs(reference).max() > 0.1
+        np.testing.assert_allclose(fused, reference, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(fused_bn.moving_mean.numpy(), keras_bn.moving_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fused_bn.moving_variance.numpy(), keras_bn.moving_variance.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(fused_bn(inputs, training=False), keras_bn(inputs, training=False), atol=1e-5)
+
+
+def test_with_fused_batchnorm_keeps_weights_names_and_predictions():
+    model, _ = build_transfer_model((32, 32, 1), 2, weights=None, backbone_size=32)
+    fused = models.with_fused_batchnorm(model)
+    kinds = {type(layer) for layer in fused.layers}
+    assert models.FusedBatchNormalization in kinds and keras.layers.BatchNormalization not in kinds
+    assert [layer.name for layer in fused.layers] == [layer.name for layer in model.layers]
+    assert [layer.trainable for layer in fused.layers] == [layer.trainable for layer in model.layers]
+    images = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(fused.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_mobilenet_from_scratch_is_narrow_half_size_fused_and_says_so():
+    model, info = build_transfer_model((64, 64, 1), 2, weights=None)
+    assert info.backbone_size == 32 and info.width == models.SCRATCH_WIDTH and not info.frozen
+    assert "32 px" in info.message and "width 0.35" in info.message
+    assert model.get_layer("Conv1").filters == 16  # MobileNetV2's first layer: 32 filters at width 1.0
+    assert any(isinstance(layer, models.FusedBatchNormalization) for layer in model.layers)
+    frozen, frozen_info = build_transfer_model((64, 64, 1), 2, weights=None, freeze_backbone=True)
+    assert frozen_info.frozen and not any(isinstance(layer, models.FusedBatchNormalization) for layer in frozen.layers)

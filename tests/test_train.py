@@ -49,7 +49,8 @@ def test_two_runs_with_the_same_seed_give_the_same_weights(tiny, tmp_path):
 
 def test_training_writes_checkpoint_history_and_summary(tiny, tmp_path):
     _model, history = _one_epoch(tiny, tmp_path)
-    assert {"loss", "val_loss", "val_auc", "val_recall", "val_pr_auc", "val_precision"} <= set(history.columns)
+    assert {"loss", "val_loss", "val_auc", "val_recall", "val_accuracy"} <= set(history.columns)
+    assert "val_pr_auc" not in history  # the full metric set is computed once, in lesson 06
     assert (tmp_path / "best.keras").exists() and (tmp_path / "history.csv").exists()
     training = json.loads((tmp_path / "training.json").read_text())
     assert training["epochs_run"] == 1 and training["class_weight"]["0"] > training["class_weight"]["1"]
@@ -162,3 +163,46 @@ def test_default_members_depends_on_image_size():
     from medlab.train import default_members
 
     assert default_members((28, 28, 1)) == 3 and default_members((64, 64, 1)) == 1
+
+
+def test_frozen_head_trains_on_cached_features_and_saves_one_model(tiny, tmp_path):
+    """Lesson 04 with (planted) pretrained weights: features once, head trained, one flat model saved."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from medlab.models import build_transfer_model
+    from medlab.train import frozen_features, train_frozen_head
+
+    keras.utils.set_random_seed(7)
+    planted = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    weights_file = tmp_path / "mobilenet_v2_planted.h5"
+    with h5py.File(weights_file, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, planted)
+    set_determinism(0)
+    model, info = build_transfer_model((32, 32, 1), 2, weights=str(weights_file), backbone_size=32)
+    assert info.pretrained and info.frozen
+    compile_model(model, 2)
+    backbone_before = model.get_layer("Conv1").get_weights()[0].copy()
+    history = train_frozen_head(model, tiny, tmp_path / "transfer", TrainConfig(max_epochs=3, batch_size=16),
+                                augmentation=build_augmentation(seed=0), augmented_copies=2, verbose=0)
+    assert len(history) == 3 and "val_auc" in history
+    training = json.loads((tmp_path / "transfer" / "training.json").read_text())
+    assert training["head_on_cached_features"] and training["augmented_copies"] == 2
+    saved = keras.saving.load_model(tmp_path / "transfer" / "best.keras")
+    assert saved.name == model.name and len(saved.layers) == len(model.layers)  # the whole flat model
+    np.testing.assert_array_equal(saved.get_layer("Conv1").get_weights()[0], backbone_before)  # backbone untouched
+    # The saved model predicts what the cached features and the head predict.
+    features = frozen_features(saved, tiny.test.images)
+    output = saved.get_layer("medlab_output")
+    expected = features @ output.get_weights()[0] + output.get_weights()[1]
+    expected = 1 / (1 + np.exp(-expected[:, 0]))
+    np.testing.assert_allclose(saved.predict(tiny.test.images.astype("float32"), verbose=0)[:, 0], expected,
+                               rtol=1e-4, atol=1e-5)
+    # and its head is the best checkpointed epoch's: its validation AUC is the one the checkpoint recorded
+    from sklearn.metrics import roc_auc_score
+
+    val_auc = roc_auc_score(tiny.val.labels, saved.predict(tiny.val.images.astype("float32"), verbose=0)[:, 0])
+    assert val_auc == pytest.approx(training["best_val_auc"], abs=0.02)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        unfrozen, _ = build_transfer_model((32, 32, 1), 2, weights=None, backbone_size=32)
+        train_frozen_head(unfrozen, tiny, tmp_path / "x", TrainConfig(max_epochs=1))

@@ -1,0 +1,269 @@
+"""Training speed against what this CPU can do: ``medlab bench speed`` (also inside ``make bench``).
+
+Machines of the same kind differ by up to three times in speed, so nothing
+here is judged in absolute seconds: every figure is set against a rate
+measured on the same machine in the same run.
+
+- **Attainable rate**: FLOP/s of a 2048 x 2048 float32 matmul and of 3x3
+  ``Conv2D`` layers, forward plus both backward passes (the work of one
+  training step), at the shapes lesson 03's network uses; the best conv rate
+  is the yardstick.
+- **Achieved rate** of a lesson's model: training images/s (``model.fit``
+  epochs after a warm-up epoch, with validation) times the model's training
+  FLOPs per image. FLOPs are counted from the layers' output shapes: a
+  convolution costs ``2 * kh * kw * Cin / groups * Cout`` per output pixel, a
+  depthwise one ``2 * kh * kw`` per output value, a dense layer
+  ``2 * inputs * units``; a training step costs three times the forward pass
+  (the forward pass, then gradients for the inputs and for the weights).
+  Normalisation, activations, pooling and the optimizer are not counted:
+  they are the overheads the percentage exposes.
+- **Overheads**: the same measurement with one thing switched off at a time
+  (training metrics, precise BN, augmentation, op determinism, validation),
+  and with Keras' own ``BatchNormalization`` in place of medlab's fused one.
+- **Lessons**: for a finished run folder, each notebook's wall time and, per
+  model, epochs run, the best epoch and the first epoch within 0.005 of the
+  best validation AUC.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medlab import config
+
+# Conv2D shapes (side, input channels, output channels) of lesson 03's blocks 2 and 3 at 64 px, and a wider one.
+CONV_SHAPES = ((32, 32, 64), (16, 64, 128), (32, 64, 64))
+OVERHEADS = ("metrics", "precise_bn", "augmentation", "determinism", "validation", "fused_batchnorm")
+
+
+def _rate(step, flops: float, repeats: int) -> float:
+    step()  # trace and warm up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = step()
+    float(result)  # wait for the last step
+    return flops * repeats / (time.perf_counter() - started)
+
+
+def attainable_rates(repeats: int = 10, batch_size: int = 64) -> dict:
+    """GFLOP/s of a large matmul and of 3x3 Conv2D forward+backward at :data:`CONV_SHAPES`."""
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(0)
+    left, right = generator.normal((2048, 2048)), generator.normal((2048, 2048))
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
+    results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats) / 1e9}
+    conv_rates = {}
+    for side, channels_in, channels_out in CONV_SHAPES:
+        inputs = tf.Variable(generator.normal((batch_size, side, side, channels_in)))
+        kernel = tf.Variable(generator.normal((3, 3, channels_in, channels_out)))
+
+        @tf.function
+        def step(inputs=inputs, kernel=kernel):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.nn.conv2d(inputs, kernel, 1, "SAME"))
+            input_gradient, kernel_gradient = tape.gradient(loss, [inputs, kernel])
+            return tf.reduce_sum(input_gradient) + tf.reduce_sum(kernel_gradient)
+
+        flops = 3 * 2 * 9 * batch_size * side * side * channels_in * channels_out
+        conv_rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats) / 1e9
+    results["conv2d_train_gflops"] = conv_rates
+    results["attainable_conv2d_gflops"] = max(conv_rates.values())
+    return results
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds x 2 of the convolutions and dense layers of one image's forward pass."""
+    from keras import layers
+
+    total = 0
+    for layer in model.layers:
+        if not hasattr(layer, "output") or not layer._inbound_nodes:
+            continue
+        output = layer.output.shape
+        pixels = int(np.prod(output[1:-1])) if len(output) > 2 else 1
+        if isinstance(layer, layers.DepthwiseConv2D):
+            kernel_h, kernel_w = layer.kernel_size
+            total += 2 * kernel_h * kernel_w * pixels * int(output[-1])
+        elif isinstance(layer, layers.Conv2D):
+            kernel_h, kernel_w = layer.kernel_size
+            channels_in = int(layer.input.shape[-1]) // layer.groups
+            total += 2 * kernel_h * kernel_w * channels_in * int(output[-1]) * pixels
+        elif isinstance(layer, layers.Dense):
+            total += 2 * int(layer.input.shape[-1]) * int(output[-1]) * pixels
+    return total
+
+
+def _toy_split(count: int, side: int, channels: int, num_classes: int, seed: int):
+    """Smooth random images (blurred noise, 0-255) with random labels: the cost of a step does not depend on content."""
+    from medlab.data import Split
+
+    rng = np.random.default_rng(seed)
+    cells = -(-side // 8)  # 8 x 8 px blocks covering the image
+    coarse = rng.uniform(0, 255, size=(count, cells, cells, channels))
+    images = np.kron(coarse, np.ones((1, 8, 8, 1)))[:, :side, :side].astype(np.uint8)
+    labels = rng.integers(0, num_classes, size=count)
+    return Split(images, labels, [f"toy[{i}]" for i in range(count)], [""] * count)
+
+
+def measure_training(build_model, side: int, channels: int = 1, num_classes: int = 2, switched_off: str = "",
+                     train_images: int = 768, val_images: int = 256, batch_size: int = 64, epochs: int = 2,
+                     seed: int = config.DEFAULT_SEED) -> float:
+    """Training images/s of ``build_model(training_images, fused)`` as lesson 03/04 train it, one overhead off.
+
+    ``switched_off`` is one of :data:`OVERHEADS` or empty. One warm-up epoch
+    (tracing) is not timed; then ``epochs`` epochs are, validation included.
+    """
+    import keras
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    from medlab.augment import build_augmentation
+    from medlab.data import make_tf_dataset
+    from medlab.train import PreciseBatchNorm, compile_model, set_determinism
+
+    if switched_off and switched_off not in OVERHEADS:
+        raise ValueError(f"switched_off must be one of {OVERHEADS}, got {switched_off!r}")
+    set_determinism(seed)
+    if switched_off == "determinism":
+        tf_config.disable_op_determinism()
+    try:
+        train = _toy_split(train_images, side, channels, num_classes, seed)
+        val = _toy_split(val_images, side, channels, num_classes, seed + 1)
+        model = build_model(train.images, switched_off != "fused_batchnorm")
+        compile_model(model, num_classes, metrics="loss" if switched_off == "metrics" else "training")
+        augmentation = None if switched_off == "augmentation" else build_augmentation(seed=seed)
+        train_data = make_tf_dataset(train, num_classes, batch_size, shuffle=True, seed=seed,
+                                     augmentation=augmentation)
+        val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
+        callbacks = [] if switched_off in ("precise_bn", "validation") else [
+            PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
+        model.fit(train_data, validation_data=val_data, epochs=1, callbacks=callbacks, verbose=0)
+        started = time.perf_counter()
+        model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+        seconds = time.perf_counter() - started
+    finally:
+        tf_config.enable_op_determinism()
+        keras.backend.clear_session()
+        del tf  # keep the import local
+    return train_images * epochs / seconds
+
+
+def lesson_models(num_classes: int = 2) -> dict:
+    """``{name: (build_model(training_images, fused), side, channels)}``: lesson 03 at 28/64/128 px, lesson 04.
+
+    Each as its lesson builds it by default (lesson 03's block-1 stride, lesson 04 without ImageNet weights).
+    """
+    from medlab.models import build_scratch_cnn, build_transfer_model, default_stem_stride
+
+    def scratch(side):
+        def build(images, fused):
+            model = build_scratch_cnn((side, side, 1), num_classes, images,
+                                      stem_stride=default_stem_stride((side, side)))
+            return model if fused else _keras_batchnorm(model)
+        return build, side, 1
+
+    def transfer(images, fused):  # without ImageNet weights, as on a machine without internet: trained whole
+        model, _info = build_transfer_model((64, 64, 1), num_classes, weights=None)
+        return model if fused else _keras_batchnorm(model)
+
+    return {"scratch_cnn_28px": scratch(28), "scratch_cnn_64px": scratch(64), "scratch_cnn_128px": scratch(128),
+            "transfer_mobilenet_v2_64px": (transfer, 64, 1)}
+
+
+def _keras_batchnorm(model):
+    """The same model with Keras' own BatchNormalization layers (the reference for the fused ones)."""
+    import keras
+
+    from medlab.models import FusedBatchNormalization
+
+    def clone(layer):
+        if isinstance(layer, FusedBatchNormalization):
+            return keras.layers.BatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def lesson_summary(run_dir: str | Path) -> dict:
+    """Wall time per notebook and, per model, epochs run and epochs to the final validation AUC."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        return {}
+    metrics = json.loads(metrics_path.read_text())
+    models = {}
+    for history_path in sorted(run_dir.glob("models/*/history.csv")) + sorted(
+            run_dir.glob("models/*/members/*/history.csv")):
+        table = pd.read_csv(history_path)
+        if "val_auc" not in table or table.empty:
+            continue
+        best = table["val_auc"].max()
+        name = str(history_path.parent.relative_to(run_dir / "models"))
+        models[name] = {"epochs_run": len(table), "best_epoch": int(table["val_auc"].idxmax()) + 1,
+                        "best_val_auc": round(float(best), 4),
+                        "epochs_to_within_0.005": int((table["val_auc"] >= best - 0.005).idxmax()) + 1}
+    return {"run": str(run_dir), "notebook_wall_time_s": metrics.get("notebook_wall_time_s", {}),
+            "total_wall_time_s": metrics.get("total_wall_time_s"), "models": models}
+
+
+def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, epochs: int = 2) -> dict:
+    """The whole speed table: attainable rates, each lesson model's rate and overheads, lesson wall times."""
+    peak = attainable_rates()
+    attainable = peak["attainable_conv2d_gflops"]
+    rows = {}
+    for name, (build, side, channels) in lesson_models().items():
+        train_gflop = 3 * forward_flops(build(np.zeros((2, side, side, channels), np.uint8), True)) / 1e9
+        rate = measure_training(build, side, channels, epochs=epochs)
+        row = {"side": side, "train_gflop_per_image": round(train_gflop, 4), "images_per_s": round(rate, 1),
+               "achieved_gflops": round(rate * train_gflop, 1),
+               "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1)}
+        for overhead in OVERHEADS if overheads else ():
+            without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs)
+            row[f"without_{overhead}_images_per_s"] = round(without, 1)
+        rows[name] = row
+    return {"cpu_count": config.cpu_count(), "attainable": peak, "models": rows,
+            "lessons": lesson_summary(run_dir) if run_dir else {}}
+
+
+def markdown(result: dict) -> str:
+    """The speed table (what ``medlab bench speed`` prints)."""
+    peak = result["attainable"]
+    lines = [f"Attainable on this machine ({result['cpu_count']} cores): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
+             "3x3 Conv2D forward+backward " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops"].items())
+             + f" GFLOP/s (best {peak['attainable_conv2d_gflops']:.0f}).", ""]
+    header = ["model", "GFLOP/image (train)", "images/s", "GFLOP/s", "% of conv"]
+    overheads = [o for o in OVERHEADS if any(f"without_{o}_images_per_s" in r for r in result["models"].values())]
+    header += [("Keras BN" if o == "fused_batchnorm" else f"no {o.replace('_', ' ')}") + " images/s" for o in overheads]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in result["models"].items():
+        cells = [name, f"{row['train_gflop_per_image']:.3f}", f"{row['images_per_s']:.0f}",
+                 f"{row['achieved_gflops']:.0f}", f"{row['percent_of_attainable']:.0f}%"]
+        cells += [f"{row[f'without_{o}_images_per_s']:.0f}" for o in overheads]
+        lines.append("| " + " | ".join(cells) + " |")
+    lessons = result.get("lessons") or {}
+    if lessons:
+        lines += ["", f"Run `{lessons['run']}`: total {lessons['total_wall_time_s']:.0f} s; "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in lessons["notebook_wall_time_s"].items()), "",
+                  "| model | epochs run | best epoch | first epoch within 0.005 of the best val AUC | best val AUC |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['epochs_run']} | {m['best_epoch']} | {m['epochs_to_within_0.005']} | "
+                  f"{m['best_val_auc']:.4f} |" for name, m in lessons["models"].items()]
+    return "\n".join(lines)
+
+
+def write_results(result: dict, folder: Path) -> tuple[Path, Path]:
+    """``speed.json`` and ``speed.md`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = folder / "speed.json", folder / "speed.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    markdown_path.write_text(markdown(result) + "\n")
+    return json_path, markdown_path

@@ -1,0 +1,74 @@
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from medlab import speed
+from medlab.models import build_scratch_cnn
+
+
+def test_forward_flops_counts_convolutions_and_dense_layers():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 2 * 9 * 2 * 4 * 64 = 9216
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 2 * 9 * 4 * 16 = 1152
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3)(x)  # 2 * 4 * 3 = 24
+    assert speed.forward_flops(keras.Model(inputs, outputs)) == 9216 + 1152 + 24
+
+
+def test_scratch_cnn_flops_match_the_arithmetic():
+    model = build_scratch_cnn((64, 64, 1), 2)
+    expected = 2 * 9 * (64 * 64 * 1 * 32 + 32 * 32 * 32 * 64 + 16 * 16 * 64 * 128) + 2 * (128 * 128 + 128 * 1)
+    assert speed.forward_flops(model) == expected
+
+
+@pytest.mark.parametrize("switched_off", ["", "metrics", "validation", "fused_batchnorm", "determinism"])
+def test_measure_training_runs_each_variant(switched_off):
+    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
+    rate = speed.measure_training(build, side, channels, switched_off=switched_off, train_images=32, val_images=16,
+                                  batch_size=16, epochs=1)
+    assert rate > 0
+    from tensorflow.python.framework import config as tf_config
+
+    assert tf_config.is_op_determinism_enabled()  # switched back on for everything after
+
+
+def test_measure_training_refuses_unknown_overheads():
+    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
+    with pytest.raises(ValueError, match="switched_off"):
+        speed.measure_training(build, side, channels, switched_off="coffee")
+
+
+def test_keras_batchnorm_reference_has_no_fused_layers():
+    from medlab.models import FusedBatchNormalization
+
+    build, side, _channels = speed.lesson_models()["scratch_cnn_28px"]
+    images = np.zeros((2, side, side, 1), np.uint8)
+    assert any(isinstance(layer, FusedBatchNormalization) for layer in build(images, True).layers)
+    assert not any(isinstance(layer, FusedBatchNormalization) for layer in build(images, False).layers)
+
+
+def test_lesson_summary_and_markdown(tmp_path):
+    run = tmp_path / "run"
+    (run / "models" / "scratch_cnn").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"notebook_wall_time_s": {"01_eda": 10.0, "03_scratch_cnn": 90.0},
+                                                  "total_wall_time_s": 100.0}))
+    pd.DataFrame({"epoch": [0, 1, 2, 3], "val_auc": [0.80, 0.951, 0.954, 0.953]}).to_csv(
+        run / "models" / "scratch_cnn" / "history.csv", index=False)
+    lessons = speed.lesson_summary(run)
+    assert lessons["models"]["scratch_cnn"] == {"epochs_run": 4, "best_epoch": 3, "best_val_auc": 0.954,
+                                                "epochs_to_within_0.005": 2}
+    result = {"cpu_count": 2, "lessons": lessons,
+              "attainable": {"matmul_2048_gflops": 200.0, "conv2d_train_gflops": {"32px_32to64": 250.0},
+                             "attainable_conv2d_gflops": 250.0},
+              "models": {"scratch_cnn_64px": {"side": 64, "train_gflop_per_image": 0.233, "images_per_s": 500.0,
+                                              "achieved_gflops": 116.5, "percent_of_attainable": 46.6,
+                                              "without_metrics_images_per_s": 510.0}}}
+    table = speed.markdown(result)
+    assert "| scratch_cnn_64px | 0.233 | 500 | 116 | 47% | 510 |" in table
+    assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table
+    json_path, markdown_path = speed.write_results(result, tmp_path / "bench")
+    assert json.loads(json_path.read_text())["models"]["scratch_cnn_64px"]["images_per_s"] == 500.0
+    assert markdown_path.read_text().strip() == table
