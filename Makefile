@@ -11,6 +11,7 @@ MEDMNIST ?= pneumoniamnist
 MEDMNIST_SIZE ?= 28
 NOTEBOOKS ?=
 PARAMS ?=
+SKIP_BAD_FILES ?=
 NBVAL_DIR := build/nbval
 
 .PHONY: help setup lab data reports test browser serve lint bench lock clean
@@ -22,6 +23,7 @@ help: ## Show this help
 	@echo
 	@echo "Variables: DATASET=synthetic|synthetic-4class|pneumoniamnist|path/to/file.npz|path/to/folder"
 	@echo "           NOTEBOOKS='01 02' (subset), PARAMS='-p image_size=32' (notebook parameters)"
+	@echo "           SKIP_BAD_FILES=1 (leave unreadable images out in every lesson and the bench, and list them)"
 
 setup: $(VENV)/.installed ## Create .venv from the lock file and register the Jupyter kernel
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -41,7 +43,8 @@ data: setup ## Generate the synthetic datasets and download MEDMNIST (default pn
 	$(PY) -m medlab.cli data download $(MEDMNIST) --size $(MEDMNIST_SIZE)
 
 reports: setup ## Execute every notebook into reports/<run>/ (DATASET=..., default synthetic)
-	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(PARAMS)
+	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) \
+		$(if $(SKIP_BAD_FILES),-p skip_bad_files=true) $(PARAMS)
 
 browser: ## Install Debian's chromium and chromedriver for the browser test (when root and missing)
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
@@ -66,7 +69,8 @@ lint: setup ## Static checks (ruff) and notebooks-without-outputs check
 
 SEEDS ?= 3
 bench: setup ## Full report per seed (SEEDS=3) on the real data when found, then one table (reports/bench/)
-	$(PY) -m medlab.cli bench full --seeds $(SEEDS) $(if $(filter-out synthetic,$(DATASET)),--dataset "$(DATASET)")
+	$(PY) -m medlab.cli bench full --seeds $(SEEDS) $(if $(filter-out synthetic,$(DATASET)),--dataset "$(DATASET)") \
+		$(if $(SKIP_BAD_FILES),--skip-bad-files)
 
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh environment.yml
 	uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 --generate-hashes -o requirements.lock

@@ -1,16 +1,23 @@
-"""Data audit: exact-duplicate images within and across splits.
+"""Data audit: exact and near-duplicate images within and across splits.
 
 Duplicates matter twice over in medical imaging. Within the training split
 they over-weight some patients; across splits they leak: a test image that
-also sits in the training set measures memory, not generalisation. Images are
-compared by content hash (the decoded pixels for array data, the file bytes
-for folder data), so only exact copies are reported.
+also sits in the training set measures memory, not generalisation.
+
+- **Exact** copies share a content hash (the decoded pixels for array data,
+  the file bytes for folder data): :func:`find_duplicates`.
+- **Near** duplicates are the same picture re-encoded, resized or shifted by
+  a few pixels: their bytes differ but their perceptual hash (``imagehash``'s
+  pHash: the signs of the 8 x 8 lowest frequencies of a 32 x 32 DCT, 64 bits)
+  differs in at most :data:`NEAR_DUPLICATE_DISTANCE` bits:
+  :func:`find_near_duplicates`. Pairs that are exact copies are not repeated.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 
 from medlab.data import SPLITS, Dataset
@@ -54,3 +61,62 @@ def duplicate_summary(duplicates: pd.DataFrame) -> pd.DataFrame:
     return duplicates.groupby("scope").agg(
         groups=("copies", "size"), images=("copies", "sum"), label_conflicts=("label_conflict", "sum")
     )
+
+
+# Hamming distance (bits of 64) up to which two pHashes count as the same picture. JPEG re-encoding and
+# resizing change a pHash by 0-2 bits, a 2 px shift of a 128 px image by about 2-6; unrelated images of
+# the same kind differ by 20 or more (tests/test_audit.py measures both on a real MRI slice).
+NEAR_DUPLICATE_DISTANCE = 8
+
+
+def perceptual_hashes(images: np.ndarray) -> np.ndarray:
+    """64-bit pHash of each image (uint8, N x H x W x C) as uint64, computed by ``imagehash``."""
+    import imagehash
+    from PIL import Image
+
+    hashes = np.empty(len(images), dtype=np.uint64)
+    for index, image in enumerate(images):
+        picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        bits = imagehash.phash(picture).hash.flatten()
+        hashes[index] = np.packbits(bits).view(">u8")[0]
+    return hashes
+
+
+def find_near_duplicates(dataset: Dataset, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> pd.DataFrame:
+    """Pairs of images whose pHashes differ in at most ``max_distance`` bits but that are not exact copies.
+
+    Columns: ``scope`` ("within train", "train / test", ...), ``first``,
+    ``second`` (ids), ``distance`` (bits), ``labels`` and ``label_conflict``.
+    """
+    ids, splits, labels, content, hashes = [], [], [], [], []
+    for split in SPLITS:
+        part = dataset.splits[split]
+        ids += part.ids
+        splits += [split] * len(part)
+        labels += [dataset.info.class_names[label] for label in part.labels]
+        content += part.hashes
+        hashes.append(perceptual_hashes(part.images))
+    hashes = np.concatenate(hashes)
+    rows = []
+    for start in range(0, len(hashes), 1024):  # all pairs, a block of rows at a time
+        block = hashes[start:start + 1024]
+        distances = np.bitwise_count(block[:, None] ^ hashes[None, :])
+        for row, column in zip(*np.nonzero(distances <= max_distance)):
+            first, second = start + row, column
+            if second <= first or content[first] == content[second]:
+                continue
+            scope = sorted({splits[first], splits[second]}, key=SPLITS.index)
+            rows.append({
+                "scope": f"within {scope[0]}" if len(scope) == 1 else " / ".join(scope),
+                "first": ids[first], "second": ids[second], "distance": int(distances[row, column]),
+                "labels": f"{labels[first]}, {labels[second]}", "label_conflict": labels[first] != labels[second],
+            })
+    columns = ["scope", "first", "second", "distance", "labels", "label_conflict"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["scope", "distance", "first"], ignore_index=True)
+
+
+def near_duplicate_summary(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Counts per scope: near-duplicate pairs, pairs with conflicting labels."""
+    if pairs.empty:
+        return pd.DataFrame(columns=["pairs", "label_conflicts"]).rename_axis("scope")
+    return pairs.groupby("scope").agg(pairs=("distance", "size"), label_conflicts=("label_conflict", "sum"))

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", type=int, default=0)
     info.add_argument("--skip-bad-files", action="store_true", help="leave unreadable images out and list them")
 
-    audit = commands.add_parser("audit", help="list exact-duplicate images within and across splits")
+    audit = commands.add_parser("audit", help="list exact and near-duplicate images within and across splits")
     audit.add_argument("dataset", nargs="?", default=config.DEFAULT_DATASET)
+    audit.add_argument("--skip-bad-files", action="store_true", help="leave unreadable images out and list them")
 
     reports = commands.add_parser("reports", help="execute the notebooks into reports/<run>/")
     reports.add_argument("--dataset", default=config.DEFAULT_DATASET)
@@ -72,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
 
     bench = commands.add_parser("bench", help="print benchmark figures")
-    bench.add_argument("what", choices=["full", "data"], nargs="?", default="full",
-                       help="full: the whole report per seed, then one table (default); data: the data pipeline only")
+    bench.add_argument("what", choices=["full", "data", "speed"], nargs="?", default="full",
+                       help="full: the whole report per seed, then one table (default); data: the data pipeline "
+                            "only; speed: training FLOP/s against this CPU's attainable rate, and overheads")
+    bench.add_argument("--run", help="speed: a finished run folder whose lesson wall times and epochs to report")
+    bench.add_argument("--skip-bad-files", action="store_true", help="full: leave unreadable images out of every run")
     bench.add_argument("--dataset", help="default: the real PneumoniaMNIST when found, else synthetic")
     bench.add_argument("--seeds", type=int, default=3)
     bench.add_argument("--images", type=int, default=5000, help="PNG files for the data-pipeline benchmark")
@@ -115,19 +119,29 @@ def _run(arguments) -> int:
     if arguments.command in {"info", "audit"}:
         from medlab.data import load_dataset
 
+        on_error = "skip" if arguments.skip_bad_files else "raise"
         if arguments.command == "info":
-            dataset = load_dataset(arguments.dataset, image_size=arguments.image_size or None,
-                                   on_error="skip" if arguments.skip_bad_files else "raise")
+            dataset = load_dataset(arguments.dataset, image_size=arguments.image_size or None, on_error=on_error)
             print(json.dumps(dataset.describe(), indent=2))
             print(dataset.counts().to_string())
             return 0
-        from medlab.audit import duplicate_summary, find_duplicates
+        from medlab.audit import (NEAR_DUPLICATE_DISTANCE, duplicate_summary, find_duplicates,
+                                  find_near_duplicates, near_duplicate_summary)
 
-        duplicates = find_duplicates(load_dataset(arguments.dataset))
+        dataset = load_dataset(arguments.dataset, on_error=on_error)
+        for name, reason in dataset.info.skipped:
+            print(f"skipped {name}: {reason}")
+        duplicates = find_duplicates(dataset)
         print(duplicate_summary(duplicates).to_string() if len(duplicates) else "no exact duplicates")
         if len(duplicates):
             print()
             print(duplicates.to_string(index=False, max_colwidth=60))
+        near = find_near_duplicates(dataset)
+        print(f"\nnear duplicates (perceptual hash within {NEAR_DUPLICATE_DISTANCE} of 64 bits, not exact copies):")
+        print(near_duplicate_summary(near).to_string() if len(near) else "none")
+        if len(near):
+            print()
+            print(near.to_string(index=False, max_colwidth=60))
         return 0
     if arguments.command == "reports":
         import logging
@@ -162,11 +176,20 @@ def _run(arguments) -> int:
             else:
                 bench.print_table(results)
             return 0
+        if arguments.what == "speed":
+            from medlab import speed
+
+            results = speed.speed_benchmark(arguments.run)
+            json_path, markdown_path = speed.write_results(results, config.reports_dir() / "bench")
+            print(json.dumps(results, indent=2) if arguments.json else speed.markdown(results))
+            print(f"\nwritten: {json_path}, {markdown_path}")
+            return 0
         import logging
 
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("papermill").setLevel(logging.INFO)
-        result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images)
+        result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images,
+                                      skip_bad_files=arguments.skip_bad_files)
         json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
         print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
         print(f"\nwritten: {json_path}, {markdown_path}")

@@ -30,7 +30,7 @@ from medlab.data import (
     Dataset,
     DatasetInfo,
     Split,
-    _carve_validation,
+    carve_validation,
 )
 from medlab.npzio import file_sha256, write_npz_atomic
 
@@ -124,8 +124,9 @@ def scan_folder(root: Path) -> _FolderScan:
                 if not file.is_file():
                     continue
                 relative = str(file.relative_to(root))
-                if file.name.startswith(".") or file.suffix.lower() not in IMAGE_SUFFIXES:
-                    ignored.append(relative)
+                hidden = any(part.startswith(".") for part in file.relative_to(class_dir).parts)
+                if hidden or file.suffix.lower() not in IMAGE_SUFFIXES:
+                    ignored.append(relative)  # hidden files and folders (.ipynb_checkpoints/) are never images of a class
                     continue
                 entries.append((file, class_names.index(class_name)))
                 found += 1
@@ -310,7 +311,8 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, seed: 
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise DataError(
             f"{len(bad)} unreadable image file(s) in {scan.root}:\n{listing}{more}\n"
-            "Remove or fix them, or load with on_error='skip' to leave them out and list them."
+            "Remove or fix them, or leave them out and list them: the notebook parameter skip_bad_files = True, "
+            "`medlab info|audit PATH --skip-bad-files`, or load_dataset(..., on_error='skip')."
         )
     skipped = [(str(path.relative_to(scan.root)), reason) for path, reason in sorted(bad.items())]
 
@@ -376,7 +378,7 @@ def _dataset_from_folder_cache(cache_path: Path, scan: _FolderScan, on_error: st
     notes = list(meta["notes"])
     if "val" not in splits:
         patients = [_patient_id(name) for name in splits["train"].ids]
-        splits["train"], splits["val"], note = _carve_validation(
+        splits["train"], splits["val"], note = carve_validation(
             splits["train"], meta["validation_fraction"], meta["seed"], patients)
         notes.append(note)
     if meta["skipped"]:

@@ -140,6 +140,25 @@ def plot_mean_images(dataset: Dataset, split: str = "train"):
     return figure
 
 
+def plot_near_duplicate_pairs(dataset: Dataset, pairs: pd.DataFrame, count: int = 8):
+    """The first ``count`` near-duplicate pairs (from :func:`medlab.audit.find_near_duplicates`), side by side."""
+    images = {image_id: image for split in SPLITS for image_id, image in
+              zip(dataset.splits[split].ids, dataset.splits[split].images)}
+    shown = pairs.head(count)
+    figure, axes = plt.subplots(2, max(len(shown), 1), figsize=(2.2 * max(len(shown), 1), 4.8), squeeze=False)
+    for column, row in enumerate(shown.itertuples()):
+        first_label, second_label = row.labels.split(", ")
+        _show(axes[0, column], images[row.first], f"{row.first[-28:]}\n{first_label}")
+        _show(axes[1, column], images[row.second], f"{row.second[-28:]}\n{second_label}, {row.distance} bits")
+    if shown.empty:
+        axes[0, 0].axis("off")
+        axes[1, 0].axis("off")
+    figure.suptitle(f"near duplicates: {len(pairs)} pair(s), the first {len(shown)} shown (top and bottom: one pair)",
+                    fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def plot_augmentation_grid(images: np.ndarray, augmentations: dict, draws: int = 1):
     """Rows: images; columns: the original, then each augmentation applied ``draws`` times."""
     import tensorflow as tf
@@ -371,6 +390,7 @@ def plot_tflite_comparison(table: pd.DataFrame):
 __all__ = [
     "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
     "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
-    "plot_history", "plot_source_sizes", "plot_confusion_matrices", "plot_curves", "plot_reliability",
+    "plot_history", "plot_source_sizes", "plot_near_duplicate_pairs", "plot_confusion_matrices", "plot_curves",
+    "plot_reliability",
     "gallery_indices", "plot_error_gallery", "plot_gradcam_gallery", "plot_tflite_comparison",
 ]

@@ -158,10 +158,11 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
             staging.rename(failed)
             reason = getattr(error, "ename", type(error).__name__)
             detail = getattr(error, "evalue", str(error))
+            kept = (f"The previous complete report in {final}/ was left untouched." if final.exists() else
+                    f"No complete report exists for this dataset yet, so {final}/ was not created.")
             raise ReportError(
                 f"{notebook.name} failed on dataset {dataset!r}: {reason}: {detail}\n"
-                f"The executed notebook, with the error shown, is in {failed}/. "
-                f"The previous complete report in {final}/ was left untouched."
+                f"The executed notebook, with the error shown, is in {failed}/. {kept}"
             ) from None
         timings[notebook.stem] = round(time.perf_counter() - started, 2)
         used_parameters[notebook.stem] = {k: v for k, v in passed.items() if k != "run_dir"}

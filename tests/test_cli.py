@@ -34,3 +34,16 @@ def test_audit_and_synthetic_commands(capsys):
     assert main(["data", "synthetic", "--image-size", "32"]) == 0
     assert main(["audit", "synthetic"]) == 0
     assert "no exact duplicates" in capsys.readouterr().out
+
+
+def test_audit_of_a_folder_with_a_corrupt_file_names_the_flag_then_works_with_it(tmp_path, capsys):
+    from conftest import make_tree
+
+    root = make_tree(tmp_path / "mri", {"Training": 0, "Testing": 0}, {"glioma": 40, "notumor": 120}, per_class=6)
+    (root / "Training" / "glioma" / "broken.png").write_bytes(b"not a png at all")
+    assert main(["audit", str(root)]) == 1
+    error = capsys.readouterr().err
+    assert "broken.png" in error and "--skip-bad-files" in error and "Traceback" not in error
+    assert main(["audit", str(root), "--skip-bad-files"]) == 0
+    output = capsys.readouterr().out
+    assert "skipped Training/glioma/broken.png" in output

@@ -66,6 +66,28 @@ def test_bootstrap_ci_contains_the_truth_and_narrows_with_data():
     assert (large[1] - large[0]) / 2 == pytest.approx(0.0175, abs=0.005)
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.31])
+def test_resampled_binary_metrics_equal_sklearn_resample_by_resample(threshold):
+    from medlab.evaluate import METRIC_NAMES, bootstrap_binary_ci, bootstrap_indices, resampled_binary_metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 120)
+    probabilities = np.round(np.clip(0.35 * labels + rng.uniform(0, 0.7, 120), 0, 1), 1)  # rounded: many ties
+    probabilities[:10] = threshold  # scores exactly at the threshold count as positive
+    indices = bootstrap_indices(labels, n_resamples=40, seed=1)
+    fast = resampled_binary_metrics(labels, probabilities, threshold, indices)
+    for row, index in enumerate(indices):
+        reference = binary_metrics(labels[index], probabilities[index], threshold)
+        for name in METRIC_NAMES:
+            assert fast[name][row] == pytest.approx(reference[name], abs=1e-12), (name, row)
+    intervals = bootstrap_binary_ci(labels, probabilities, threshold, n_resamples=40, seed=1)
+    slow = bootstrap_ci(labels, probabilities, lambda y, p: {k: v for k, v in binary_metrics(y, p, threshold).items()
+                                                             if k in METRIC_NAMES}, n_resamples=40, seed=1)
+    assert intervals.keys() == slow.keys()
+    for name in intervals:
+        assert intervals[name] == pytest.approx(slow[name], abs=1e-12)
+
+
 def test_calibration_known_cases():
     labels = np.array([0] * 50 + [1] * 50)
     perfect = calibration(labels, labels.astype(float))
@@ -81,6 +103,57 @@ def test_multiclass_metrics():
     result = multiclass_metrics(labels, probabilities, ["a", "b", "c"])
     assert result["accuracy"] == pytest.approx(0.75)
     assert result["per_class_recall"] == {"a": 1.0, "b": 1.0, "c": 0.5}
+
+
+def test_resampled_multiclass_metrics_equal_sklearn_and_tables_show_intervals():
+    from sklearn import metrics as skm
+
+    from medlab.evaluate import (ModelPredictions, bootstrap_indices, comparison_table, evaluate_model,
+                                 resampled_multiclass_metrics, threshold_table)
+
+    rng = np.random.default_rng(5)
+    names = ["glioma", "meningioma", "notumor", "pituitary"]
+    labels = rng.integers(0, 4, 160)
+    guessed = np.where(rng.uniform(size=160) < 0.7, labels, rng.integers(0, 4, 160))
+    confident = rng.uniform(size=160) < 0.5  # two probability templates, so scores tie a lot
+    high, low = np.where(confident, 0.7, 0.4), np.where(confident, 0.1, 0.2)
+    probabilities = low[:, None] + (high - low)[:, None] * np.eye(4)[guessed]
+    indices = bootstrap_indices(labels, n_resamples=25, seed=2)
+    fast = resampled_multiclass_metrics(labels, probabilities, names, indices)
+    for row, index in enumerate(indices):
+        y, p = labels[index], probabilities[index]
+        predicted = p.argmax(axis=1)
+        assert fast["accuracy"][row] == pytest.approx(skm.accuracy_score(y, predicted))
+        for name, score in (("recall", skm.recall_score), ("precision", skm.precision_score), ("f1", skm.f1_score)):
+            assert fast[name][row] == pytest.approx(score(y, predicted, average="macro", zero_division=0))
+            assert fast[f"weighted_{name}"][row] == pytest.approx(score(y, predicted, average="weighted", zero_division=0))
+            per_class = score(y, predicted, average=None, labels=range(4), zero_division=0)
+            assert [fast[f"{name}_{c}"][row] for c in names] == pytest.approx(per_class)
+        assert fast["roc_auc"][row] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr"))
+        assert fast["pr_auc"][row] == pytest.approx(skm.average_precision_score(np.eye(4)[y], p, average="macro"))
+    model = ModelPredictions("cnn", names, labels, probabilities, [str(i) for i in range(160)], labels,
+                             probabilities, {})
+    result = evaluate_model(model, n_resamples=50)
+    assert result["test"]["weighted_f1"] == pytest.approx(skm.f1_score(labels, probabilities.argmax(1), average="weighted"))
+    assert 0 <= result["calibration"]["ece"] <= 1 and result["calibration"]["kind"] == "top-label confidence"
+    low, high = result["test_ci95"]["recall_glioma"]
+    assert low <= result["test"]["per_class_recall"]["glioma"] <= high
+    comparison = comparison_table([result])
+    assert comparison.loc["cnn", "threshold"] == "argmax" and "[" in comparison.loc["cnn", "weighted_f1"]
+    per_class = threshold_table([result])
+    assert list(per_class.loc["cnn"].index) == names and "[" in per_class.loc[("cnn", "glioma"), "f1"]
+
+
+def test_multiclass_calibration_known_cases():
+    from medlab.evaluate import multiclass_calibration
+
+    labels = np.array([0, 1, 2, 3] * 25)
+    perfect = multiclass_calibration(labels, np.eye(4)[labels])
+    assert perfect["ece"] == pytest.approx(0) and perfect["brier"] == pytest.approx(0)
+    overconfident = np.full((100, 4), 0.1 / 3)
+    overconfident[np.arange(100), (labels + np.arange(100) % 2) % 4] = 0.9  # 90% sure, right half the time
+    result = multiclass_calibration(labels, overconfident)
+    assert result["ece"] == pytest.approx(0.4)
 
 
 def _model(name="m", seed=0):
@@ -145,7 +218,8 @@ def test_evaluate_model_and_threshold_table():
                              np.eye(3), {"pretrained": None})
     result = evaluate_model(multi)
     assert result["test"]["accuracy"] == 1.0 and "threshold" not in result
-    assert threshold_table([result])["m"].to_dict() == {"a": 1.0, "b": 1.0, "c": 1.0}
+    per_class = threshold_table([result])
+    assert per_class["recall"].tolist() == ["1.000 [1.000, 1.000]"] * 3 and per_class["support"].tolist() == [1, 1, 1]
 
 
 def test_chosen_model_prefers_lesson_06_then_validation_auc(tmp_path):
@@ -162,3 +236,28 @@ def test_chosen_model_prefers_lesson_06_then_validation_auc(tmp_path):
     assert chosen_model(tmp_path, "transfer") == ("transfer", None)
     with pytest.raises(FileNotFoundError, match="03-05"):
         chosen_model(tmp_path / "empty")
+
+
+def test_leaked_test_images_are_found_and_left_out():
+    from medlab.data import Dataset, DatasetInfo, Split
+    from medlab.evaluate import ModelPredictions, deduplication_table, evaluate_model, leaked_test_ids, without_test_images
+
+    def split(hashes, labels):
+        return Split(np.zeros((len(hashes), 4, 4, 1), np.uint8), np.array(labels), [f"{h}.png" for h in hashes], hashes)
+
+    info = DatasetInfo("toy", "folder", "x", ["normal", "disease"], (4, 4), 1, "", "")
+    dataset = Dataset(info, {"train": split(["a", "b", "c"], [0, 1, 0]), "val": split(["d"], [1]),
+                             "test": split(["a", "d", "e", "f", "g", "h"], [0, 1, 1, 0, 1, 0])})
+    leaked = leaked_test_ids(dataset)
+    assert leaked == {"a.png", "d.png"}
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    model = ModelPredictions("m", info.class_names, np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.4, 0.6]),
+                             dataset.test.ids, labels, np.array([0.1, 0.9, 0.3, 0.6, 0.8, 0.2]), {})
+    kept = without_test_images(model, leaked)
+    assert kept.test_ids == ["e.png", "f.png", "g.png", "h.png"]
+    np.testing.assert_array_equal(kept.test_labels, [1, 0, 1, 0])
+    np.testing.assert_allclose(kept.test_probabilities, [0.3, 0.6, 0.8, 0.2])
+    table = deduplication_table([evaluate_model(model, n_resamples=20)], [evaluate_model(kept, n_resamples=20)])
+    assert table.loc[("m", "roc_auc"), "full test"] > table.loc[("m", "roc_auc"), "deduplicated"]
+    with pytest.raises(ValueError, match="leaves none"):
+        without_test_images(model, set(dataset.test.ids))

@@ -29,8 +29,8 @@ def test_folder_without_val_is_split_by_patient(tmp_path):
     for label, (name, value) in enumerate(CHEST.items()):
         for patient in range(12):
             for view in range(3):
-                write_image(root / "train" / name / f"person{patient + 100 * label}_virus_{view}.jpeg", value + view,
-                            fmt="JPEG")
+                write_image(root / "train" / name / f"person{patient + 100 * label}_virus_{view}.jpeg",
+                            value + view + 3 * patient, fmt="JPEG")  # no two images identical
         for index in range(3):
             write_image(root / "test" / name / f"person{900 + index}_x.jpeg", value, fmt="JPEG")
     dataset = load_dataset(root, image_size=16, validation_fraction=0.25, progress=False)
@@ -47,6 +47,33 @@ def test_brain_mri_layout_training_testing(tmp_path):
     dataset = load_dataset(tmp_path / "mri", image_size=16, progress=False)
     assert dataset.info.num_classes == 4 and dataset.info.task == "multiclass"
     assert len(dataset.val) > 0 and len(dataset.test) == 40
+
+
+def test_hidden_checkpoint_folder_inside_a_class_is_skipped_and_listed(tmp_path):
+    classes = {"glioma": 30, "meningioma": 80, "notumor": 130, "pituitary": 180}
+    root = make_tree(tmp_path / "mri", {"Training": 0, "Testing": 0}, classes, per_class=10)
+    write_image(root / "Testing" / "meningioma" / ".ipynb_checkpoints" / "Te-me_0011-checkpoint.jpg", 90, fmt="JPEG")
+    dataset = load_dataset(root, image_size=16, progress=False)
+    assert len(dataset.test) == 40 and not any("checkpoint" in name for name in dataset.test.ids)
+    assert any(".ipynb_checkpoints/Te-me_0011-checkpoint.jpg" in note for note in dataset.info.notes)
+
+
+def test_carved_validation_keeps_identical_images_together_and_says_it_is_not_patient_grouped(tmp_path):
+    root = tmp_path / "mri"
+    rng = np.random.default_rng(0)
+    for name in ("glioma", "notumor"):
+        for index in range(30):
+            array = rng.integers(0, 255, (12, 12), dtype=np.uint8)
+            for copy in range(3 if index < 10 else 1):  # ten images with two exact copies each
+                folder = root / "Training" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(folder / f"{name}_{index}_{copy}.png")
+        make_tree(root, {"Testing": 0}, {name: 50}, per_class=3)
+    dataset = load_dataset(root, image_size=12, validation_fraction=0.25, progress=False)
+    assert len(dataset.val) > 0
+    assert not set(dataset.train.hashes) & set(dataset.val.hashes)  # no copy straddles train and val
+    note = next(note for note in dataset.info.notes if "moved to 'val'" in note)
+    assert "NOT grouped by patient" in note and "40 exact copies" in note
 
 
 def test_chest_ct_layout_with_differently_named_test_folders(tmp_path):
