@@ -203,11 +203,12 @@ def test_with_fused_batchnorm_keeps_weights_names_and_predictions():
     np.testing.assert_allclose(fused.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
 
 
-def test_mobilenet_from_scratch_is_narrow_half_size_fused_and_says_so():
+def test_mobilenet_from_scratch_is_fused_and_its_width_is_a_parameter():
     model, info = build_transfer_model((64, 64, 1), 2, weights=None)
-    assert info.backbone_size == 32 and info.width == models.SCRATCH_WIDTH and not info.frozen
-    assert "32 px" in info.message and "width 0.35" in info.message
-    assert model.get_layer("Conv1").filters == 16  # MobileNetV2's first layer: 32 filters at width 1.0
+    assert info.backbone_size == 64 and info.width == models.SCRATCH_WIDTH and not info.frozen
+    assert "Trained from scratch at 64 px" in info.message
     assert any(isinstance(layer, models.FusedBatchNormalization) for layer in model.layers)
+    narrow, narrow_info = build_transfer_model((64, 64, 1), 2, weights=None, scratch_width=0.35)
+    assert narrow.get_layer("Conv1").filters == 16 and "width 0.35" in narrow_info.message  # 32 filters at 1.0
     frozen, frozen_info = build_transfer_model((64, 64, 1), 2, weights=None, freeze_backbone=True)
     assert frozen_info.frozen and not any(isinstance(layer, models.FusedBatchNormalization) for layer in frozen.layers)
