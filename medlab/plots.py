@@ -299,14 +299,25 @@ def plot_curves(model, threshold: float | None = None):
 
 
 def plot_reliability(models, bins: int = 10):
-    """Reliability diagram of every binary model on the test set (sklearn's CalibrationDisplay)."""
+    """Reliability diagram of every model on the test set (sklearn's CalibrationDisplay).
+
+    Binary: the probability of disease against how often disease is present.
+    Multi-class: top-label, the confidence of the predicted class against how
+    often that prediction is right (what the multi-class ECE summarises).
+    """
     from sklearn.calibration import CalibrationDisplay
 
     figure, axis = plt.subplots(figsize=(5, 5))
     for model in models:
-        CalibrationDisplay.from_predictions(model.test_labels, model.test_probabilities, n_bins=bins,
-                                            name=model.name, ax=axis)
-    axis.set_title("reliability on the test set", fontsize=10)
+        if model.binary:
+            outcome, confidence = model.test_labels, model.test_probabilities
+        else:
+            outcome = model.test_probabilities.argmax(axis=1) == model.test_labels
+            confidence = model.test_probabilities.max(axis=1)
+        CalibrationDisplay.from_predictions(outcome, confidence, n_bins=bins, name=model.name, ax=axis)
+    binary = all(model.binary for model in models)
+    axis.set_title("reliability on the test set" + ("" if binary else " (top-label: confidence vs correct)"),
+                   fontsize=10)
     figure.tight_layout()
     return figure
 
