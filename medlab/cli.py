@@ -125,8 +125,13 @@ def _run(arguments) -> int:
             print(json.dumps(dataset.describe(), indent=2))
             print(dataset.counts().to_string())
             return 0
-        from medlab.audit import (NEAR_DUPLICATE_DISTANCE, duplicate_summary, find_duplicates,
-                                  find_near_duplicates, near_duplicate_summary)
+        from medlab.audit import (
+            NEAR_DUPLICATE_DISTANCE,
+            duplicate_summary,
+            find_duplicates,
+            find_near_duplicates,
+            near_duplicate_summary,
+        )
 
         dataset = load_dataset(arguments.dataset, on_error=on_error)
         for name, reason in dataset.info.skipped:

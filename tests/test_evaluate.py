@@ -68,7 +68,12 @@ def test_bootstrap_ci_contains_the_truth_and_narrows_with_data():
 
 @pytest.mark.parametrize("threshold", [0.5, 0.31])
 def test_resampled_binary_metrics_equal_sklearn_resample_by_resample(threshold):
-    from medlab.evaluate import METRIC_NAMES, bootstrap_binary_ci, bootstrap_indices, resampled_binary_metrics
+    from medlab.evaluate import (
+        METRIC_NAMES,
+        bootstrap_binary_ci,
+        bootstrap_indices,
+        resampled_binary_metrics,
+    )
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 120)
@@ -108,8 +113,14 @@ def test_multiclass_metrics():
 def test_resampled_multiclass_metrics_equal_sklearn_and_tables_show_intervals():
     from sklearn import metrics as skm
 
-    from medlab.evaluate import (ModelPredictions, bootstrap_indices, comparison_table, evaluate_model,
-                                 resampled_multiclass_metrics, threshold_table)
+    from medlab.evaluate import (
+        ModelPredictions,
+        bootstrap_indices,
+        comparison_table,
+        evaluate_model,
+        resampled_multiclass_metrics,
+        threshold_table,
+    )
 
     rng = np.random.default_rng(5)
     names = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -240,7 +251,13 @@ def test_chosen_model_prefers_lesson_06_then_validation_auc(tmp_path):
 
 def test_leaked_test_images_are_found_and_left_out():
     from medlab.data import Dataset, DatasetInfo, Split
-    from medlab.evaluate import ModelPredictions, deduplication_table, evaluate_model, leaked_test_ids, without_test_images
+    from medlab.evaluate import (
+        ModelPredictions,
+        deduplication_table,
+        evaluate_model,
+        leaked_test_ids,
+        without_test_images,
+    )
 
     def split(hashes, labels):
         return Split(np.zeros((len(hashes), 4, 4, 1), np.uint8), np.array(labels), [f"{h}.png" for h in hashes], hashes)
