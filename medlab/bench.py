@@ -192,7 +192,10 @@ def summarise_runs(runs: list[dict]) -> dict:
 def markdown_table(result: dict) -> str:
     """The benchmark's one table, as markdown (also what `make bench` prints)."""
     summary = result["summary"]
-    lines = [f"Dataset: `{result['dataset']}`, {result['seeds']} seed(s), "
+    dataset = result["dataset"]
+    if Path(dataset).is_absolute():  # a table for the README: no one machine's paths
+        dataset = os.path.relpath(dataset, config.PROJECT_ROOT)
+    lines = [f"Dataset: `{dataset}`, {result['seeds']} seed(s), "
              f"{result['data_pipeline']['cpu_count']} CPU core(s), no GPU.", "",
              "| model | test ROC-AUC | accuracy at 0.5 | recall at frozen threshold | specificity at frozen threshold "
              "| training s |", "|---|---|---|---|---|---|"]

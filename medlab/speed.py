@@ -119,7 +119,6 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     (tracing) is not timed; then ``epochs`` epochs are, validation included.
     """
     import keras
-    import tensorflow as tf
     from tensorflow.python.framework import config as tf_config
 
     from medlab.augment import build_augmentation
@@ -149,7 +148,6 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     finally:
         tf_config.enable_op_determinism()
         keras.backend.clear_session()
-        del tf  # keep the import local
     return train_images * epochs / seconds
 
 
