@@ -136,7 +136,8 @@ def default_bench_dataset() -> str:
 def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000,
                    skip_bad_files: bool = False) -> dict:
     """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary."""
-    from medlab.reports import run_name, run_reports
+    from medlab.reports import run_reports
+    from medlab.runs import RunFolder, read_json, run_name
 
     dataset = dataset or default_bench_dataset()
     runs = []
@@ -145,7 +146,7 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
         started = time.perf_counter()
         folder = run_reports(dataset, parameters={"seed": seed, "skip_bad_files": skip_bad_files}, name=name)
         wall = time.perf_counter() - started
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = read_json(RunFolder(folder).metrics)
         runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})
     from medlab.speed import speed_benchmark
 

@@ -11,6 +11,7 @@ import json
 import sys
 
 from medlab import config
+from medlab.runs import RunFolder
 
 
 def _parse_parameter(text: str) -> tuple[str, object]:
@@ -158,7 +159,7 @@ def _run(arguments) -> int:
         logging.getLogger("papermill").setLevel(logging.INFO)
 
         final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
-        print(f"report written: {final}/index.html")
+        print(f"report written: {RunFolder(final).index_html}")
         return 0
     if arguments.command in {"predict", "serve"}:
         from medlab.predict import Predictor, default_run

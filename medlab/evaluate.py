@@ -13,7 +13,6 @@ so the default operating point is the highest threshold that still catches
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
+
+from medlab.runs import RunFolder, read_json
 
 METRIC_NAMES = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc")
 
@@ -58,14 +59,13 @@ def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, li
 def load_model_predictions(run_dir: str | Path) -> list[ModelPredictions]:
     """Every model folder under ``<run_dir>/models`` that has validation and test predictions."""
     found = []
-    for folder in sorted(Path(run_dir).glob("models/*")):
-        val_path, test_path = folder / "predictions_val.csv", folder / "predictions_test.csv"
+    for folder in RunFolder(run_dir).models():
+        val_path, test_path = folder.predictions("val"), folder.predictions("test")
         if not (val_path.exists() and test_path.exists()):
             continue
         _ids, val_labels, val_probabilities, class_names = _read_predictions(val_path)
         test_ids, test_labels, test_probabilities, _ = _read_predictions(test_path)
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary = read_json(folder.summary, {})
         found.append(ModelPredictions(folder.name, class_names, val_labels, val_probabilities, test_ids,
                                       test_labels, test_probabilities, summary))
     return found
@@ -120,15 +120,14 @@ def chosen_model(run_dir: str | Path, model_name: str | None = None) -> tuple[st
     validation AUC; without lesson 06's record, the best ``val_auc`` among
     the model summaries (and no threshold).
     """
-    run_dir = Path(run_dir)
-    record_path = run_dir / "records" / "evaluation.json"
-    evaluation = json.loads(record_path.read_text()) if record_path.exists() else {}
+    run = RunFolder(run_dir)
+    evaluation = read_json(run.record("evaluation"), {})
     name = model_name or evaluation.get("best_model_by_val_auc")
     if name is None:
-        summaries = {p.parent.name: json.loads(p.read_text()).get("val_auc", 0.0)
-                     for p in run_dir.glob("models/*/summary.json")}
+        summaries = {folder.name: read_json(folder.summary).get("val_auc", 0.0)
+                     for folder in run.models() if folder.summary.exists()}
         if not summaries:
-            raise FileNotFoundError(f"no trained model with a summary in {run_dir}/models: run notebooks 03-05")
+            raise FileNotFoundError(f"no trained model with a summary in {run.models_dir}: run notebooks 03-05")
         name = max(summaries, key=summaries.get)
     return name, evaluation.get("models", {}).get(name, {}).get("threshold")
 

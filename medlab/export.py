@@ -23,6 +23,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from medlab.runs import RunFolder
+
 VARIANTS = ("float32", "float16", "dynamic_range", "int8")
 
 
@@ -278,9 +280,11 @@ def keras_latency_ms(model: keras.Model, image: np.ndarray, repeats: int = 50) -
 
 
 def compare_variants(model: keras.Model, keras_file: Path, images: np.ndarray, labels: np.ndarray,
-                     folder: Path, name: str, metadata: dict, calibration_images: np.ndarray,
+                     run: RunFolder, name: str, metadata: dict, calibration_images: np.ndarray,
                      threshold: float | None, latency_repeats: int = 50):
     """Export every variant, run each on ``images`` and compare with Keras: one row per model, as a table.
+
+    The files go where ``run`` keeps them (``tflite/<name>_<variant>.tflite``).
 
     Columns: size (KiB and relative to float32), median single-image latency,
     ROC-AUC, recall and specificity at ``threshold``, decision agreement,
@@ -295,7 +299,7 @@ def compare_variants(model: keras.Model, keras_file: Path, images: np.ndarray, l
                       "latency_ms": keras_latency_ms(model, images[0], latency_repeats),
                       **parity(reference, reference, labels, threshold)}}
     for variant in VARIANTS:
-        lite = export_variant(model, variant, Path(folder) / f"{name}_{variant}.tflite", metadata, calibration_images)
+        lite = export_variant(model, variant, run.tflite(name, variant), metadata, calibration_images)
         rows[variant] = {"size_kb": lite.path.stat().st_size / 1024,
                          "latency_ms": lite.median_latency_ms(images[0], latency_repeats),
                          **parity(reference, lite.predict(images), labels, threshold)}

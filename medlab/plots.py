@@ -16,13 +16,14 @@ import pandas as pd
 import seaborn as sns
 
 from medlab.data import SPLITS, Dataset, Split
+from medlab.runs import RunFolder
 
 
 def save_figure(figure, run_dir: str | Path | None, name: str) -> Path | None:
     """Save ``figure`` as ``<run_dir>/figures/<name>.png``; do nothing when run_dir is empty."""
     if not run_dir:
         return None
-    path = Path(run_dir) / "figures" / f"{name}.png"
+    path = RunFolder(run_dir).figure(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     return path

@@ -11,7 +11,6 @@ the training data, so a prediction sees exactly what the model was trained on.
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from medlab.folders import (
     decode_image_file,
     read_header,
 )
+from medlab.runs import RunFolder, read_json
 
 MODEL_KINDS = ("keras", "tflite-float32", "tflite-float16", "tflite-dynamic_range", "tflite-int8")
 
@@ -53,18 +53,19 @@ class Predictor:
         if kind not in MODEL_KINDS:
             raise PredictError(f"--model must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "models").is_dir():
+        run = RunFolder(self.run_dir)
+        if not run.models_dir.is_dir():
             raise PredictError(f"{self.run_dir} has no models/ folder: run `make reports` first "
                                "(or pass --run reports/<run>)")
         try:
             self.model_name, self.threshold = chosen_model(self.run_dir, model_name)
         except FileNotFoundError as error:
             raise PredictError(str(error)) from None
-        model_dir = self.run_dir / "models" / self.model_name
-        if not model_dir.is_dir():
-            available = sorted(p.name for p in (self.run_dir / "models").iterdir())
-            raise PredictError(f"no model {self.model_name!r} in {self.run_dir}/models (available: {available})")
-        dataset = json.loads((self.run_dir / "records" / "dataset.json").read_text())
+        model = run.model(self.model_name)
+        if not model.path.is_dir():
+            available = [folder.name for folder in run.models()]
+            raise PredictError(f"no model {self.model_name!r} in {run.models_dir} (available: {available})")
+        dataset = read_json(run.record("dataset"))
         self.class_names: list[str] = dataset["class_names"]
         height, width = dataset["image_size"]
         self.image_shape = (height, width, dataset["channels"])
@@ -77,12 +78,12 @@ class Predictor:
 
             import medlab.models  # noqa: F401  (registers medlab's layers for loading)
 
-            self.keras_model = keras.saving.load_model(model_dir / "best.keras")
+            self.keras_model = keras.saving.load_model(model.checkpoint)
         else:
             from medlab.export import LiteModel
 
             variant = kind.removeprefix("tflite-")
-            path = self.run_dir / "tflite" / f"{self.model_name}_{variant}.tflite"
+            path = run.tflite(self.model_name, variant)
             if not path.exists():
                 raise PredictError(f"{path} does not exist: run notebook 07 (make reports) to export it")
             self.lite_model = LiteModel.load(path)
@@ -180,7 +181,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def default_run(reports_dir: Path) -> Path:
     """The most recently written complete run under ``reports/``."""
-    runs = [p for p in reports_dir.glob("*") if (p / "models").is_dir() and not p.name.endswith(".failed")]
+    runs = [RunFolder(p) for p in reports_dir.glob("*") if not p.name.endswith(".failed")]
+    runs = [run for run in runs if run.models_dir.is_dir()]
     if not runs:
         raise PredictError(f"no run with trained models under {reports_dir}: run `make reports` first")
-    return max(runs, key=lambda p: (p / "metrics.json").stat().st_mtime if (p / "metrics.json").exists() else 0)
+    return max(runs, key=lambda run: run.metrics.stat().st_mtime if run.metrics.exists() else 0).root

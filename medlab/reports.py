@@ -21,7 +21,6 @@ import datetime as _dt
 import html
 import json
 import platform
-import re
 import shutil
 import subprocess
 import time
@@ -29,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from medlab import config
+from medlab.runs import RunFolder, read_json, run_name, write_json
 
 REPORTED_PACKAGES = ("medlab", "tensorflow", "keras", "numpy", "pandas", "scikit-learn",
                      "matplotlib", "seaborn", "pillow", "papermill", "nbconvert")
@@ -52,20 +52,11 @@ def notebooks(selection: list[str] | None = None) -> list[Path]:
     return chosen
 
 
-def run_name(dataset: str) -> str:
-    """The run folder's name: 'synthetic', 'pneumoniamnist', or a folder's name."""
-    text = str(dataset).rstrip("/")
-    name = Path(text).stem if text.endswith(".npz") else Path(text).name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "run"
-
-
 def record(run_dir: str | Path | None, section: str, values: dict) -> None:
     """Store a notebook's measurements as ``records/<section>.json`` (merged into metrics.json)."""
     if not run_dir:
         return
-    path = Path(run_dir) / "records" / f"{section}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    write_json(RunFolder(run_dir).record(section), values, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(value):
@@ -135,7 +126,7 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     if selection and final.exists():
         # A partial run (e.g. only 06) builds on the complete report: its models, records, timings.
         shutil.copytree(final, staging, symlinks=True)
-        previous = json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").exists() else {}
+        previous = read_json(RunFolder(final).metrics, {})
         timings.update(previous.get("notebook_wall_time_s", {}))
         used_parameters.update(previous.get("parameters", {}))
     staging.mkdir(parents=True, exist_ok=True)
@@ -143,7 +134,7 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
         declared = papermill.inspect_notebook(str(notebook))
         given = {"dataset": dataset, "run_dir": str(staging.resolve()), **parameters}
         passed = {key: value for key, value in given.items() if key in declared}
-        output = staging / notebook.name
+        output = RunFolder(staging).executed_notebook(notebook)
         print(f"[medlab] {notebook.name} on {dataset} ...", flush=True)
         started = time.perf_counter()
         try:
@@ -169,17 +160,18 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
         render_html(output)
         print(f"[medlab] {notebook.name} done in {timings[notebook.stem]:.1f} s", flush=True)
 
-    metrics = _collect_metrics(staging, dataset, name, timings, used_parameters)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (staging / "index.html").write_text(_index_html(staging, metrics), encoding="utf-8")
-    (staging / "model_card.md").write_text(model_card(metrics), encoding="utf-8")
+    run = RunFolder(staging)
+    metrics = _collect_metrics(run, dataset, name, timings, used_parameters)
+    write_json(run.metrics, metrics, sort_keys=True)
+    run.index_html.write_text(_index_html(run, metrics), encoding="utf-8")
+    run.model_card.write_text(model_card(metrics), encoding="utf-8")
     _swap_into_place(staging, final)
     shutil.rmtree(failed, ignore_errors=True)
     return final
 
 
-def _collect_metrics(run_dir: Path, dataset: str, name: str, timings: dict, parameters: dict) -> dict:
-    records = {path.stem: json.loads(path.read_text()) for path in sorted((run_dir / "records").glob("*.json"))}
+def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, parameters: dict) -> dict:
+    records = run.records()
     return {
         "run": name,
         "dataset_spec": dataset,
@@ -301,7 +293,7 @@ def _swap_into_place(staging: Path, final: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _index_html(run_dir: Path, metrics: dict) -> str:
+def _index_html(run: RunFolder, metrics: dict) -> str:
     escape = html.escape
     dataset = metrics.get("dataset") or {}
     banner = ""
@@ -334,7 +326,7 @@ def _index_html(run_dir: Path, metrics: dict) -> str:
     figures = "".join(
         f"<figure><a href='figures/{escape(p.name)}'><img src='figures/{escape(p.name)}' loading='lazy'></a>"
         f"<figcaption>{escape(p.stem)}</figcaption></figure>"
-        for p in sorted((run_dir / "figures").glob("*.png"))
+        for p in sorted(run.figures_dir.glob("*.png"))
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>medlab report: {escape(metrics['run'])}</title>

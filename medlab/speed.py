@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from medlab import config
+from medlab.runs import RunFolder, read_json
 
 # Conv2D shapes (side, input channels, output channels) of lesson 03's blocks 2 and 3 at 64 px, and a wider one.
 CONV_SHAPES = ((32, 32, 64), (16, 64, 128), (32, 64, 64))
@@ -193,23 +194,24 @@ def lesson_summary(run_dir: str | Path) -> dict:
     """Wall time per notebook and, per model, epochs run and epochs to the final validation AUC."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.exists():
+    run = RunFolder(run_dir)
+    metrics = read_json(run.metrics)
+    if metrics is None:
         return {}
-    metrics = json.loads(metrics_path.read_text())
     models = {}
-    for history_path in sorted(run_dir.glob("models/*/history.csv")) + sorted(
-            run_dir.glob("models/*/members/*/history.csv")):
-        table = pd.read_csv(history_path)
+    folders = [folder for model in run.models() for folder in (model, *model.members())]
+    for folder in folders:
+        if not folder.history.exists():
+            continue
+        table = pd.read_csv(folder.history)
         if "val_auc" not in table or table.empty:
             continue
         best = table["val_auc"].max()
-        name = str(history_path.parent.relative_to(run_dir / "models"))
+        name = str(folder.path.relative_to(run.models_dir))
         models[name] = {"epochs_run": len(table), "best_epoch": int(table["val_auc"].idxmax()) + 1,
                         "best_val_auc": round(float(best), 4),
                         "epochs_to_within_0.005": int((table["val_auc"] >= best - 0.005).idxmax()) + 1}
-    return {"run": str(run_dir), "notebook_wall_time_s": metrics.get("notebook_wall_time_s", {}),
+    return {"run": str(run.root), "notebook_wall_time_s": metrics.get("notebook_wall_time_s", {}),
             "total_wall_time_s": metrics.get("total_wall_time_s"), "models": models}
 
 

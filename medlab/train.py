@@ -10,7 +10,6 @@ and export lessons find it.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import tensorflow as tf
 
 from medlab import config
 from medlab.data import Dataset, Split, make_tf_dataset
+from medlab.runs import ModelFolder, read_json, write_json
 
 
 def set_determinism(seed: int = config.DEFAULT_SEED) -> None:
@@ -172,33 +172,24 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         self.recalibrate()
 
 
-def make_callbacks(model_dir: Path, cfg: TrainConfig, training_images: np.ndarray | None = None
+def make_callbacks(model_dir: str | Path, cfg: TrainConfig, training_images: np.ndarray | None = None
                    ) -> list[keras.callbacks.Callback]:
     """Precise BatchNorm statistics, best-epoch checkpoint, early stopping, LR schedule, CSV log."""
+    folder = ModelFolder(model_dir)
     monitor = f"val_{cfg.monitor}"
     mode = "min" if cfg.monitor == "loss" else "max"
     precise = [] if training_images is None else [
         PreciseBatchNorm(training_images, batch_size=cfg.batch_size, seed=cfg.seed)]
     return precise + [
-        keras.callbacks.ModelCheckpoint(model_dir / "best.keras", monitor=monitor, mode=mode,
+        keras.callbacks.ModelCheckpoint(folder.checkpoint, monitor=monitor, mode=mode,
                                         save_best_only=True),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=cfg.reduce_lr_patience,
                                           min_lr=1e-6) if cfg.schedule == "plateau" else
         keras.callbacks.LearningRateScheduler(lambda epoch: cosine_learning_rate(epoch, cfg)),
-        keras.callbacks.CSVLogger(model_dir / "history.csv"),
+        keras.callbacks.CSVLogger(folder.history),
     ]
-
-
-def model_dir_for(run_dir: str | Path | None, dataset: str, name: str) -> Path:
-    """``<run_dir>/models/<name>``; outside ``make reports``, ``reports/interactive/<dataset>/models/<name>``."""
-    from medlab.reports import run_name
-
-    base = Path(run_dir) if run_dir else config.reports_dir() / "interactive" / run_name(dataset)
-    path = base / "models" / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
@@ -209,8 +200,7 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     ``history.csv`` and ``training.json`` (configuration, epochs, wall time)
     into ``model_dir``. ``verbose=2`` prints one line per epoch.
     """
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    folder = ModelFolder(Path(model_dir)).create()
     num_classes = dataset.info.num_classes
     train_data = make_tf_dataset(dataset.train, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                  augmentation=augmentation)
@@ -218,7 +208,8 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     class_weight = dataset.class_weights() if cfg.class_weighting else None
     started = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs,
-                        callbacks=make_callbacks(model_dir, cfg, dataset.train.images), class_weight=class_weight, verbose=verbose,
+                        callbacks=make_callbacks(folder, cfg, dataset.train.images), class_weight=class_weight,
+                        verbose=verbose,
                         shuffle=False)  # the tf.data pipeline shuffles, seeded
     seconds = time.perf_counter() - started
     table = pd.DataFrame(history.history)
@@ -234,7 +225,7 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
         "train_seconds": round(seconds, 1),
         "parameters": int(model.count_params()),
     }
-    (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(folder.training, summary)
     return table
 
 
@@ -266,7 +257,7 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
         raise ValueError("train_frozen_head needs a frozen backbone; use train_model to train the whole network")
     if augmented_copies < 0:
         raise ValueError(f"augmented_copies must be non-negative, got {augmented_copies}")
-    model_dir = Path(model_dir)
+    folder = ModelFolder(Path(model_dir))
     train, started = dataset.train, time.perf_counter()
     features = [frozen_features(model, train.images)]
     for _copy in range(augmented_copies if augmentation is not None else 0):
@@ -290,16 +281,16 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
     for layer in head_layers:
         x = layer.__class__.from_config(layer.get_config())(x)
     head = compile_model(keras.Model(head_input, x, name="head"), dataset.info.num_classes, learning_rate)
-    history = train_model(head, Dataset(dataset.info, feature_splits), model_dir, cfg, verbose=verbose)
-    best_head = keras.saving.load_model(model_dir / "best.keras")
+    history = train_model(head, Dataset(dataset.info, feature_splits), folder.path, cfg, verbose=verbose)
+    best_head = keras.saving.load_model(folder.checkpoint)
     for layer in head_layers:
         layer.set_weights(best_head.get_layer(layer.name).get_weights())
-    model.save(model_dir / "best.keras")
-    training = json.loads((model_dir / "training.json").read_text())
+    model.save(folder.checkpoint)
+    training = read_json(folder.training)
     training.update({"head_on_cached_features": True, "augmented_copies": copies - 1,
                      "feature_seconds": round(feature_seconds, 1), "parameters": int(model.count_params()),
                      "train_seconds": round(training["train_seconds"] + feature_seconds, 1)})
-    (model_dir / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    write_json(folder.training, training)
     return history
 
 
@@ -337,21 +328,21 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
 
     from medlab.models import average_models
 
-    model_dir = Path(model_dir)
+    folder = ModelFolder(Path(model_dir))
     seeds = member_seeds(cfg.seed, members)
     histories, summaries = [], []
     for number, seed in enumerate(seeds, start=1):
         set_determinism(seed)
-        member_dir = model_dir if members == 1 else model_dir / "members" / f"seed{seed}"
+        member = folder if members == 1 else folder.member(seed)
         if members > 1:
             print(f"member {number} of {members}, seed {seed}")
-        history = train_model(build_model(), dataset, member_dir, replace(cfg, seed=seed),
+        history = train_model(build_model(), dataset, member.path, replace(cfg, seed=seed),
                               augmentation=augmentation(seed) if augmentation else None, verbose=verbose)
         histories.append(history.assign(member=seed))
-        summaries.append(json.loads((member_dir / "training.json").read_text()))
+        summaries.append(read_json(member.training))
     if members > 1:
-        trained = [keras.saving.load_model(model_dir / "members" / f"seed{seed}" / "best.keras") for seed in seeds]
-        average_models(trained, name=trained[0].name).save(model_dir / "best.keras")
+        trained = [keras.saving.load_model(folder.member(seed).checkpoint) for seed in seeds]
+        average_models(trained, name=trained[0].name).save(folder.checkpoint)
         summary = {
             "config": asdict(cfg),
             "members": summaries,
@@ -360,7 +351,7 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
             "train_seconds": round(sum(member["train_seconds"] for member in summaries), 1),
             "parameters": sum(member["parameters"] for member in summaries),
         }
-        (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(folder.training, summary)
     return pd.concat(histories)
 
 
@@ -385,7 +376,7 @@ def save_predictions(model_dir: str | Path, split_name: str, split: Split, proba
     else:
         for index, name in enumerate(class_names):
             table[f"p_{name}"] = probabilities[:, index]
-    path = Path(model_dir) / f"predictions_{split_name}.csv"
+    path = ModelFolder(Path(model_dir)).predictions(split_name)
     table.to_csv(path, index=False, float_format="%.6f")
     return path
 
@@ -409,21 +400,20 @@ def summarise_model(model_dir: str | Path, dataset: Dataset, extra: dict | None 
     """
     import medlab.models  # noqa: F401  (registers medlab's custom layers for loading)
 
-    model_dir = Path(model_dir)
-    model = keras.saving.load_model(model_dir / "best.keras")
+    folder = ModelFolder(Path(model_dir))
+    model = keras.saving.load_model(folder.checkpoint)
     summary = {"model": model.name, **(extra or {})}
     for split_name in ("val", "test"):
         split = dataset.splits[split_name]
         probabilities = predict(model, split)
-        save_predictions(model_dir, split_name, split, probabilities, dataset.info.class_names)
+        save_predictions(folder.path, split_name, split, probabilities, dataset.info.class_names)
         summary[f"{split_name}_auc"] = round(evaluate_auc(split.labels, probabilities), 4)
         predicted = (probabilities >= 0.5).astype(int) if probabilities.ndim == 1 else probabilities.argmax(axis=1)
         summary[f"{split_name}_accuracy_at_0.5"] = round(float((predicted == split.labels).mean()), 4)
         if probabilities.ndim == 1:
             positives = split.labels == 1
             summary[f"{split_name}_recall_at_0.5"] = round(float(predicted[positives].mean()), 4)
-    training = model_dir / "training.json"
-    if training.exists():
-        summary["training"] = json.loads(training.read_text())
-    (model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if folder.training.exists():
+        summary["training"] = read_json(folder.training)
+    write_json(folder.summary, summary)
     return summary

@@ -15,6 +15,7 @@ from medlab.export import (
     strip_augmentation,
 )
 from medlab.models import build_scratch_cnn
+from medlab.runs import RunFolder
 from medlab.train import compile_model, predict
 
 
@@ -117,7 +118,7 @@ def test_compare_variants_table(trained, tmp_path):
     keras_file = tmp_path / "best.keras"
     model.save(keras_file)
     metadata = model_metadata(data.info.class_names, (32, 32, 1), 0.42, "scratch_cnn")
-    table = compare_variants(model, keras_file, data.test.images, data.test.labels, tmp_path / "tflite", "m",
+    table = compare_variants(model, keras_file, data.test.images, data.test.labels, RunFolder(tmp_path), "m",
                              metadata, data.train.images[:32], 0.42, latency_repeats=3)
     assert list(table.index) == ["keras", *VARIANTS]
     # A tiny model is mostly file overhead; on the real scratch CNN int8 is about 28% of float32.
