@@ -275,7 +275,7 @@ def _folder_cache_key(scan: _FolderScan, image_size: int, channels: int | None, 
 def load_folder(root: Path, image_size: int | None, channels: int | None, seed: int,
                  validation_fraction: float, on_error: str, progress: bool) -> Dataset:
     scan = scan_folder(root)
-    image_size = image_size or config.DEFAULT_FOLDER_IMAGE_SIZE
+    image_size = image_size or config.default_folder_image_size(sum(len(e) for e in scan.files.values()))
     key = _folder_cache_key(scan, image_size, channels, seed, validation_fraction)
     cache_path = config.cache_dir() / f"{scan.root.name}-{key}.npz"
     if cache_path.exists():

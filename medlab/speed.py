@@ -157,11 +157,16 @@ def lesson_models(num_classes: int = 2) -> dict:
 
     Each as its lesson builds it by default (lesson 03's block-1 stride, lesson 04 without ImageNet weights).
     """
-    from medlab.models import build_scratch_cnn, build_transfer_model, default_stem_stride
+    from medlab.models import (
+        build_scratch_cnn,
+        build_transfer_model,
+        default_filters,
+        default_stem_stride,
+    )
 
     def scratch(side):
         def build(images, fused):
-            model = build_scratch_cnn((side, side, 1), num_classes, images,
+            model = build_scratch_cnn((side, side, 1), num_classes, images, filters=default_filters((side, side)),
                                       stem_stride=default_stem_stride((side, side)))
             return model if fused else _keras_batchnorm(model)
         return build, side, 1

@@ -206,3 +206,17 @@ def test_no_split_folders_is_explained(tmp_path):
     make_tree(tmp_path / "flat", {"": 0}, CHEST, per_class=2)
     with pytest.raises(DataError, match="no split folders found"):
         load_dataset(tmp_path / "flat", progress=False)
+
+
+def test_default_folder_image_size_follows_the_pixel_budget():
+    from medlab import config
+
+    assert config.default_folder_image_size(1_000) == 128  # e.g. the 4-class lung CT set
+    assert config.default_folder_image_size(3_000) == 96
+    assert config.default_folder_image_size(7_019) == 64  # the brain MRI set
+    assert config.default_folder_image_size(10**7) == min(config.FOLDER_IMAGE_SIZES)
+    for images in (1, 500, 2_000, 7_500, 20_000):
+        side = config.default_folder_image_size(images)
+        assert images * side**2 <= config.FOLDER_PIXEL_BUDGET or side == min(config.FOLDER_IMAGE_SIZES)
+    with pytest.raises(ValueError):
+        config.default_folder_image_size(-1)

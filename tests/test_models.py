@@ -212,3 +212,12 @@ def test_mobilenet_from_scratch_is_fused_and_its_width_is_a_parameter():
     assert narrow.get_layer("Conv1").filters == 16 and "width 0.35" in narrow_info.message  # 32 filters at 1.0
     frozen, frozen_info = build_transfer_model((64, 64, 1), 2, weights=None, freeze_backbone=True)
     assert frozen_info.frozen and not any(isinstance(layer, models.FusedBatchNormalization) for layer in frozen.layers)
+
+
+def test_default_filters_add_a_block_above_32_px():
+    from medlab.models import default_filters
+
+    assert default_filters((28, 28, 1)) == (32, 64, 128)
+    assert default_filters((64, 64, 3)) == (32, 64, 128, 256)
+    model = build_scratch_cnn((64, 64, 1), 4, filters=default_filters((64, 64)), stem_stride=2)
+    assert model.get_layer("block4_conv").filters == 256 and model.output_shape == (None, 4)
