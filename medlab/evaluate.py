@@ -113,6 +113,22 @@ def without_test_images(model: ModelPredictions, removed: set[str]) -> ModelPred
                    test_labels=model.test_labels[keep], test_probabilities=model.test_probabilities[keep])
 
 
+def deduplicate_test(dataset, models: list[ModelPredictions]) -> tuple:
+    """The dataset and each model's predictions without the test images that have an exact copy in train or val.
+
+    Returns ``(dataset, models, removed_ids)``; with no such image, the
+    arguments come back unchanged and ``removed_ids`` is empty.
+    """
+    from medlab.data import Dataset
+
+    removed = leaked_test_ids(dataset)
+    if not removed:
+        return dataset, models, removed
+    kept = np.array([index for index, image_id in enumerate(dataset.test.ids) if image_id not in removed])
+    deduplicated = Dataset(dataset.info, {**dataset.splits, "test": dataset.test.take(kept)})
+    return deduplicated, [without_test_images(model, removed) for model in models], removed
+
+
 def chosen_model(run_dir: str | Path, model_name: str | None = None) -> tuple[str, float | None]:
     """The model to use from a run, and its threshold frozen on validation.
 

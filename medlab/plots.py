@@ -323,17 +323,37 @@ def plot_reliability(models, bins: int = 10):
     return figure
 
 
-def gallery_indices(labels: np.ndarray, predicted: np.ndarray, per_group: int = 8, seed: int = 0) -> dict:
-    """Indices of up to ``per_group`` true positives, false negatives and false positives (binary)."""
+def gallery_indices(labels: np.ndarray, predicted: np.ndarray, per_group: int = 8, seed: int = 0,
+                    class_names: list[str] | None = None) -> dict:
+    """Indices of up to ``per_group`` images per group, drawn at random (seeded).
+
+    Binary: true positives, false negatives and false positives. With more
+    than two ``class_names``: for each true class, images classified
+    correctly (``"glioma: correct"``) and images taken for another class
+    (``"glioma: confused"``).
+    """
     rng = np.random.default_rng(seed)
-    labels, predicted = np.asarray(labels).astype(bool), np.asarray(predicted).astype(bool)
-    groups = {"true positive": labels & predicted, "false negative": labels & ~predicted,
-              "false positive": ~labels & predicted}
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    if class_names is not None and len(class_names) > 2:
+        groups = {}
+        for index, name in enumerate(class_names):
+            groups[f"{name}: correct"] = (labels == index) & (predicted == index)
+            groups[f"{name}: confused"] = (labels == index) & (predicted != index)
+    else:
+        labels, predicted = labels.astype(bool), predicted.astype(bool)
+        groups = {"true positive": labels & predicted, "false negative": labels & ~predicted,
+                  "false positive": ~labels & predicted}
     chosen = {}
     for name, members in groups.items():
         candidates = np.nonzero(members)[0]
         chosen[name] = np.sort(rng.choice(candidates, size=min(per_group, len(candidates)), replace=False))
     return chosen
+
+
+def gallery_titles(groups: dict, predicted: np.ndarray, class_names: list[str]) -> list[str]:
+    """One title per image of :func:`gallery_indices`' groups; a confused image also names the class it was given."""
+    return [f"{name.removesuffix(': confused')} as {class_names[predicted[index]]}" if name.endswith(": confused")
+            else name for name, indices in groups.items() for index in indices]
 
 
 def plot_error_gallery(split: Split, labels: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray,

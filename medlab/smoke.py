@@ -37,18 +37,29 @@ SMOKE_PARAMETERS = {
 }
 
 
-def prepare(out_dir: Path) -> list[Path]:
-    import papermill
+# The multi-class path once more: train, evaluate and export on four classes (a subfolder, its own run).
+FOUR_CLASS_NOTEBOOKS = ["03", "06", "07"]
+FOUR_CLASS_PARAMETERS = {"dataset": "synthetic-4class"}
 
+
+def prepare(out_dir: Path) -> list[Path]:
     from medlab.reports import notebooks
 
     out_dir = Path(out_dir)
+    written = _prepare(notebooks(), out_dir, SMOKE_PARAMETERS)
+    return written + _prepare(notebooks(FOUR_CLASS_NOTEBOOKS), out_dir / "four_class",
+                              {**SMOKE_PARAMETERS, **FOUR_CLASS_PARAMETERS})
+
+
+def _prepare(chosen: list[Path], out_dir: Path, smoke_parameters: dict) -> list[Path]:
+    import papermill
+
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = (out_dir / "run").resolve()
     written = []
-    for notebook in notebooks():
+    for notebook in chosen:
         declared = papermill.inspect_notebook(str(notebook))
-        parameters = {k: v for k, v in {**SMOKE_PARAMETERS, "run_dir": str(run_dir)}.items() if k in declared}
+        parameters = {k: v for k, v in {**smoke_parameters, "run_dir": str(run_dir)}.items() if k in declared}
         target = out_dir / notebook.name
         papermill.execute_notebook(str(notebook), str(target), parameters=parameters,
                                    prepare_only=True, progress_bar=False)

@@ -253,6 +253,7 @@ def test_leaked_test_images_are_found_and_left_out():
     from medlab.data import Dataset, DatasetInfo, Split
     from medlab.evaluate import (
         ModelPredictions,
+        deduplicate_test,
         deduplication_table,
         evaluate_model,
         leaked_test_ids,
@@ -278,3 +279,7 @@ def test_leaked_test_images_are_found_and_left_out():
     assert table.loc[("m", "roc_auc"), "full test"] > table.loc[("m", "roc_auc"), "deduplicated"]
     with pytest.raises(ValueError, match="leaves none"):
         without_test_images(model, set(dataset.test.ids))
+    deduplicated, (same,), removed = deduplicate_test(dataset, [model])
+    assert removed == leaked and deduplicated.test.ids == kept.test_ids == same.test_ids
+    assert deduplicated.train is dataset.train and len(dataset.test) == 6  # the original is left as it was
+    np.testing.assert_array_equal(deduplicated.test.labels, same.test_labels)

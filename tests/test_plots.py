@@ -2,6 +2,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from medlab import plots  # noqa: E402
@@ -48,3 +49,21 @@ def test_history_draws_train_and_validation_per_member():
     labels = [line.get_label() for line in figure.axes[0].lines]
     assert labels == ["train (seed 0)", "validation (seed 0)", "train (seed 1000)", "validation (seed 1000)"]
     plt.close("all")
+
+
+def test_gallery_groups_binary_and_per_class():
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    predicted = np.array([1, 0, 1, 0, 1, 0])
+    binary = plots.gallery_indices(labels, predicted, per_group=5, seed=0)
+    assert {k: v.tolist() for k, v in binary.items()} == {
+        "true positive": [0, 4], "false negative": [1], "false positive": [2]}
+    names = ["glioma", "meningioma", "notumor"]
+    labels = np.array([0, 0, 1, 1, 2, 2, 0])
+    predicted = np.array([0, 1, 1, 1, 2, 0, 2])
+    groups = plots.gallery_indices(labels, predicted, per_group=1, seed=0, class_names=names)
+    assert list(groups) == [f"{n}: {kind}" for n in names for kind in ("correct", "confused")]
+    assert groups["glioma: correct"].tolist() == [0] and groups["meningioma: confused"].tolist() == []
+    assert groups["notumor: confused"].tolist() == [5] and len(groups["glioma: confused"]) == 1
+    titles = plots.gallery_titles(groups, predicted, names)
+    assert titles[0] == "glioma: correct" and "notumor as glioma" in titles
+    assert titles[1] in {"glioma as meningioma", "glioma as notumor"} and len(titles) == 5

@@ -28,6 +28,10 @@ def test_prepare_injects_small_parameters(tmp_path):
     text = written[0].read_text()
     assert f"image_size = {SMOKE_PARAMETERS['image_size']}" in text
     assert "injected-parameters" in text
+    four_class = [path for path in written if path.parent.name == "four_class"]
+    assert [path.name[:2] for path in four_class] == ["03", "06", "07"]
+    assert '"dataset": "synthetic-4class"' in four_class[0].read_text()
+    assert str(tmp_path.resolve() / "four_class" / "run") in four_class[0].read_text()
 
 
 def test_check_clean_catches_outputs(tmp_path):
