@@ -68,9 +68,10 @@ lint: setup ## Static checks (ruff) and notebooks-without-outputs check
 	$(PY) -m medlab.smoke --check-clean
 
 SEEDS ?= 3
-bench: setup ## Full report per seed (SEEDS=3) on the real data when found, then one table (reports/bench/)
+SPEED ?= 1
+bench: setup ## Full report per seed (SEEDS=3) on the real data when found, then one table (SPEED=0: no speed bench)
 	$(PY) -m medlab.cli bench full --seeds $(SEEDS) $(if $(filter-out synthetic,$(DATASET)),--dataset "$(DATASET)") \
-		$(if $(SKIP_BAD_FILES),--skip-bad-files)
+		$(if $(SKIP_BAD_FILES),--skip-bad-files) $(if $(filter 0,$(SPEED)),--no-speed)
 
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh environment.yml
 	uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 --generate-hashes -o requirements.lock

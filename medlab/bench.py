@@ -133,9 +133,24 @@ def default_bench_dataset() -> str:
     return "synthetic"
 
 
+# Published results on the datasets medlab is benchmarked on, shown beside ours in `make bench`.
+# "overlap" says whether the test split they report on shares images with their training data.
+PUBLISHED = {
+    "brain_tumor_mri": [
+        {"source": "Tejashwini, Geetha, Thriveni: VGG16 + EfficientNetB0 fusion, ImageNet-pretrained, IJERT 13(3), "
+                   "2024, doi:10.17577/IJERTV13IS030038",
+         "accuracy": 0.99, "overlap": "not stated; the dataset's own Testing split has exact copies of "
+                                      "Training images (217 of 1,311 here)"},
+    ],
+}
+
+
 def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000,
-                   skip_bad_files: bool = False) -> dict:
-    """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary."""
+                   skip_bad_files: bool = False, speed: bool = True) -> dict:
+    """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary.
+
+    ``speed=False`` leaves out :func:`medlab.speed.speed_benchmark` (about a quarter of an hour).
+    """
     from medlab.reports import run_reports
     from medlab.runs import RunFolder, read_json, run_name
 
@@ -148,10 +163,13 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
         wall = time.perf_counter() - started
         metrics = read_json(RunFolder(folder).metrics)
         runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})
-    from medlab.speed import speed_benchmark
+    result = {"dataset": dataset, "seeds": seeds, "runs": runs, "summary": summarise_runs(runs),
+              "data_pipeline": data_benchmark(data_images)}
+    if speed:
+        from medlab.speed import speed_benchmark
 
-    return {"dataset": dataset, "seeds": seeds, "runs": runs, "summary": summarise_runs(runs),
-            "data_pipeline": data_benchmark(data_images), "speed": speed_benchmark(runs[0]["folder"])}
+        result["speed"] = speed_benchmark(runs[0]["folder"])
+    return result
 
 
 def summarise_runs(runs: list[dict]) -> dict:
@@ -159,17 +177,23 @@ def summarise_runs(runs: list[dict]) -> dict:
     per_model: dict[str, dict[str, list[float]]] = {}
     for run in runs:
         records = run["metrics"]["records"]
-        evaluation = records.get("evaluation", {}).get("models", {})
-        for name, result in evaluation.items():
+        evaluation = records.get("evaluation", {})
+        deduplication = evaluation.get("test_deduplication", {})
+        for name, result in evaluation.get("models", {}).items():
             values = per_model.setdefault(name, {})
-            test_at = result.get("test_at", {})
+            test, test_at = result["test"], result.get("test_at", {})
             numbers = {
-                "test_auc": result["test"].get("roc_auc"),
+                "test_auc": test.get("roc_auc"),
                 "accuracy_at_0.5": test_at.get("default_0.5", {}).get("accuracy"),
-                "recall_at_frozen": result["test"].get("recall"),
-                "specificity_at_frozen": result["test"].get("specificity"),
+                "recall_at_frozen": test.get("recall"),
+                "specificity_at_frozen": test.get("specificity"),
                 "train_seconds": records.get(f"model_{name}", {}).get("training", {}).get("train_seconds"),
             }
+            if "specificity" not in test:  # multi-class: argmax, macro averages (lesson 06 headline)
+                numbers = {"accuracy": test.get("accuracy"), "macro_recall": test.get("recall"),
+                           "macro_f1": test.get("f1"), "macro_auc": test.get("roc_auc"),
+                           "full_test_accuracy": deduplication.get("full_test", {}).get(name, {}).get("accuracy"),
+                           "train_seconds": numbers["train_seconds"]}
             for key, value in numbers.items():
                 if value is not None:
                     values.setdefault(key, []).append(float(value))
@@ -185,6 +209,11 @@ def summarise_runs(runs: list[dict]) -> dict:
             "auc_minus_keras": float(np.mean([v["roc_auc"] - k for v, k in zip(int8, keras_auc)])),
             "decision_agreement": float(np.mean([v["decision_agreement"] for v in int8])),
         }
+    removed = [run["metrics"]["records"].get("evaluation", {}).get("test_deduplication") for run in runs]
+    removed = [r for r in removed if r]
+    if removed:
+        summary["_test_deduplication"] = {key: removed[0].get(key) for key in
+                                          ("test_images", "with_copy_in_train_or_val", "headline")}
     summary["_report_wall_time_s"] = {"mean": float(np.mean([r["wall_time_s"] for r in runs])),
                                       "values": [r["wall_time_s"] for r in runs]}
     return summary
@@ -197,21 +226,28 @@ def markdown_table(result: dict) -> str:
     if Path(dataset).is_absolute():  # a table for the README: no one machine's paths
         dataset = os.path.relpath(dataset, config.PROJECT_ROOT)
     lines = [f"Dataset: `{dataset}`, {result['seeds']} seed(s), "
-             f"{result['data_pipeline']['cpu_count']} CPU core(s), no GPU.", "",
-             "| model | test ROC-AUC | accuracy at 0.5 | recall at frozen threshold | specificity at frozen threshold "
-             "| training s |", "|---|---|---|---|---|---|"]
-
-    def cell(stats: dict | None, digits: int = 3) -> str:
-        if not stats:
-            return "n/a"
-        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
-
-    for name, values in summary.items():
-        if name.startswith("_"):
-            continue
-        lines.append(f"| {name} | {cell(values.get('test_auc'))} | {cell(values.get('accuracy_at_0.5'))} | "
-                     f"{cell(values.get('recall_at_frozen'))} | {cell(values.get('specificity_at_frozen'))} | "
-                     f"{cell(values.get('train_seconds'), 0)} |")
+             f"{result['data_pipeline']['cpu_count']} CPU core(s), no GPU.", ""]
+    models = {name: values for name, values in summary.items() if not name.startswith("_")}
+    binary = {name: values for name, values in models.items() if "test_auc" in values}
+    if binary:
+        lines += _rows(binary, [("test ROC-AUC", "test_auc"), ("accuracy at 0.5", "accuracy_at_0.5"),
+                                ("recall at frozen threshold", "recall_at_frozen"),
+                                ("specificity at frozen threshold", "specificity_at_frozen")])
+    multiclass = {name: values for name, values in models.items() if "macro_recall" in values}
+    if multiclass:
+        deduplication = summary.get("_test_deduplication") or {}
+        headline = "de-duplicated test" if deduplication.get("headline") == "deduplicated" else "test"
+        lines += [f"Multi-class, argmax decisions, on the {headline} split"
+                  + (f" ({deduplication['with_copy_in_train_or_val']} of {deduplication['test_images']} test "
+                     "images with an exact copy in train or val left out)" if headline != "test" else "") + ":", ""]
+        lines += _rows(multiclass, [(f"{headline} accuracy", "accuracy"), ("macro recall", "macro_recall"),
+                                    ("macro F1", "macro_f1"), ("macro one-vs-rest AUC", "macro_auc"),
+                                    ("full-test accuracy", "full_test_accuracy")])
+        published = PUBLISHED.get(Path(str(result["dataset"]).rstrip("/")).name, [])
+        if published:
+            lines += ["", "Published on this dataset (not re-run here):", "",
+                      "| source | test accuracy | test split overlaps training? |", "|---|---|---|"]
+            lines += [f"| {p['source']} | {p['accuracy']:.3f} | {p['overlap']} |" for p in published]
     pipeline = result["data_pipeline"]
     lines += ["", f"Data pipeline ({pipeline['images']} PNGs, {pipeline['source_size']} px -> {pipeline['image_size']} px): "
               f"first pass {pipeline['first_pass_vs_loop']:.2f}x, cached epoch {pipeline['cached_epoch_vs_loop']:.1f}x "
@@ -227,6 +263,21 @@ def markdown_table(result: dict) -> str:
 
         lines += ["", "Training speed (`medlab bench speed`):", "", markdown(result["speed"])]
     return "\n".join(lines)
+
+
+def _cell(stats: dict | None, digits: int = 3) -> str:
+    if not stats:
+        return "n/a"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _rows(models: dict, columns: list[tuple[str, str]]) -> list[str]:
+    """A markdown table: one row per model, mean ± std over seeds per column, then training time."""
+    lines = ["| model | " + " | ".join(title for title, _ in columns) + " | training s |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {name} | " + " | ".join(_cell(values.get(key)) for _, key in columns)
+              + f" | {_cell(values.get('train_seconds'), 0)} |" for name, values in models.items()]
+    return lines
 
 
 def write_results(result: dict, folder: Path) -> tuple[Path, Path]:

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=3)
     bench.add_argument("--images", type=int, default=5000, help="PNG files for the data-pipeline benchmark")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--no-speed", action="store_true", help="full: leave out the training-speed benchmark")
     return parser
 
 
@@ -195,7 +196,7 @@ def _run(arguments) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("papermill").setLevel(logging.INFO)
         result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images,
-                                      skip_bad_files=arguments.skip_bad_files)
+                                      skip_bad_files=arguments.skip_bad_files, speed=not arguments.no_speed)
         json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
         print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
         print(f"\nwritten: {json_path}, {markdown_path}")

@@ -40,3 +40,30 @@ def test_summary_and_table_from_runs():
         "cached_epoch_vs_loop": 30.0}})
     assert "| scratch_cnn | 0.975 ± 0.007 | 0.920 ± 0.014 |" in table
     assert "0.50x" in table and "28% of float32" in table
+
+
+def test_multiclass_summary_and_table():
+    from medlab.bench import markdown_table, summarise_runs
+
+    def run(seed, accuracy):
+        model = {"threshold": None, "test": {"accuracy": accuracy, "recall": accuracy - 0.01, "f1": accuracy - 0.02,
+                                             "roc_auc": 0.99}}
+        return {"seed": seed, "wall_time_s": 1500.0, "metrics": {"records": {
+            "evaluation": {"models": {"scratch_cnn": model}, "test_deduplication": {
+                "test_images": 1311, "with_copy_in_train_or_val": 217, "headline": "deduplicated",
+                "full_test": {"scratch_cnn": {"accuracy": accuracy - 0.005}}}},
+            "model_scratch_cnn": {"training": {"train_seconds": 600.0}}}}}
+
+    summary = summarise_runs([run(0, 0.95), run(1, 0.97)])
+    assert summary["scratch_cnn"]["accuracy"]["mean"] == pytest.approx(0.96)
+    assert summary["scratch_cnn"]["macro_f1"]["mean"] == pytest.approx(0.94)
+    assert summary["scratch_cnn"]["full_test_accuracy"]["mean"] == pytest.approx(0.955)
+    assert "test_auc" not in summary["scratch_cnn"]
+    table = markdown_table({"dataset": "/data/brain_tumor_mri", "seeds": 2, "summary": summary, "data_pipeline": {
+        "cpu_count": 2, "images": 10, "source_size": 32, "image_size": 16, "first_pass_vs_loop": 0.5,
+        "cached_epoch_vs_loop": 30.0}})
+    assert "217 of 1311 test images with an exact copy in train or val left out" in table
+    assert "| scratch_cnn | 0.960 ± 0.014 | 0.950 ± 0.014 | 0.940 ± 0.014 | 0.990 ± 0.000 | 0.955 ± 0.014 | 600 ± 0 |" \
+        in table
+    assert "Published on this dataset" in table and "IJERTV13IS030038" in table
+    assert "ROC-AUC | accuracy at 0.5" not in table  # no binary table for a multi-class run
