@@ -238,12 +238,15 @@ class LiteModel:
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, threshold: float | None,
-           max_recall_drop: float = 0.01) -> dict:
+           max_recall_drop: float = 0.01, class_names: list[str] | None = None) -> dict:
     """How a converted model compares with the Keras model it came from, on the same images.
 
     ``recall_drop_flag`` is True when recall at the frozen threshold falls by
     more than ``max_recall_drop`` (1 point): quantisation must not silently
-    change the clinical picture.
+    change the clinical picture. Multi-class models decide by argmax:
+    ``recall`` is the macro recall, ``recall_change`` the largest drop of any
+    one class's recall, and ``agreement_<class>`` the share of that class's
+    images on which both models pick the same class.
     """
     from medlab.evaluate import binary_metrics
     from medlab.train import evaluate_auc
@@ -261,8 +264,19 @@ def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, thr
             "recall_change": ours["recall"] - theirs["recall"],
         })
     else:
-        result["decision_agreement"] = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-        result["recall_change"] = 0.0
+        from sklearn.metrics import recall_score
+
+        names = class_names or [str(index) for index in range(reference.shape[1])]
+        ours, theirs = candidate.argmax(axis=1), reference.argmax(axis=1)
+        every = list(range(len(names)))
+        recall_ours = recall_score(labels, ours, labels=every, average=None, zero_division=0)
+        recall_theirs = recall_score(labels, theirs, labels=every, average=None, zero_division=0)
+        result.update({"recall": float(recall_ours.mean()), "decision_agreement": float(np.mean(ours == theirs)),
+                       "recall_change": float(np.min(recall_ours - recall_theirs))})
+        for index, name in enumerate(names):
+            of_class = np.asarray(labels) == index
+            result[f"agreement_{name}"] = float(np.mean(ours[of_class] == theirs[of_class])) if of_class.any() \
+                else float("nan")
     result["recall_drop_flag"] = bool(result["recall_change"] < -max_recall_drop)
     return result
 
@@ -295,16 +309,18 @@ def compare_variants(model: keras.Model, keras_file: Path, images: np.ndarray, l
     from medlab.train import predict_images
 
     reference = predict_images(model, images)
+    class_names = metadata.get("class_names")
     rows = {"keras": {"size_kb": Path(keras_file).stat().st_size / 1024,
                       "latency_ms": keras_latency_ms(model, images[0], latency_repeats),
-                      **parity(reference, reference, labels, threshold)}}
+                      **parity(reference, reference, labels, threshold, class_names=class_names)}}
     for variant in VARIANTS:
         lite = export_variant(model, variant, run.tflite(name, variant), metadata, calibration_images)
         rows[variant] = {"size_kb": lite.path.stat().st_size / 1024,
                          "latency_ms": lite.median_latency_ms(images[0], latency_repeats),
-                         **parity(reference, lite.predict(images), labels, threshold)}
+                         **parity(reference, lite.predict(images), labels, threshold, class_names=class_names)}
     table = pd.DataFrame(rows).T.infer_objects()
     table["size_vs_float32"] = table["size_kb"] / table.loc["float32", "size_kb"]
     columns = ["size_kb", "size_vs_float32", "latency_ms", "roc_auc", "recall", "specificity",
                "decision_agreement", "max_abs_probability_difference", "recall_drop_flag"]
-    return table[[column for column in columns if column in table]]
+    per_class = [column for column in table if column.startswith("agreement_")]
+    return table[[column for column in columns if column in table] + per_class]

@@ -88,6 +88,20 @@ def test_recall_drop_is_flagged():
     assert parity(reference, reference, labels, 0.5)["recall_drop_flag"] is False
 
 
+def test_multiclass_parity_per_class():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    reference = np.eye(3)[[0, 0, 1, 1, 2, 0]] * 0.8 + 0.2 / 3  # Keras: one class-2 image taken for class 0
+    candidate = np.eye(3)[[0, 0, 1, 2, 2, 0]] * 0.8 + 0.2 / 3  # the export also moves one class-1 image
+    result = parity(reference, candidate, labels, None, class_names=["glioma", "meningioma", "notumor"])
+    assert result["decision_agreement"] == pytest.approx(5 / 6)
+    assert result["agreement_glioma"] == 1.0 and result["agreement_meningioma"] == 0.5
+    assert result["agreement_notumor"] == 1.0
+    assert result["recall"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert result["recall_change"] == pytest.approx(-0.5) and result["recall_drop_flag"] is True
+    same = parity(reference, reference, labels, None)
+    assert same["recall_drop_flag"] is False and same["agreement_2"] == 1.0
+
+
 def test_metadata_round_trips(exported):
     lite = LiteModel.load(exported["int8"].path)
     sidecar = json.loads(lite.path.with_suffix(".json").read_text())
