@@ -62,9 +62,19 @@ def tiny_npz(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run folder like `make reports` writes: a small trained model, its records and an int8 export."""
+    return _tiny_run(tmp_path_factory.mktemp("tiny_run"), "binary")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_four_class(tmp_path_factory):
+    """The same for a four-class task (softmax output, argmax decisions, no threshold)."""
+    return _tiny_run(tmp_path_factory.mktemp("tiny_run_four_class"), "four_class")
+
+
+def _tiny_run(root, task):
 
     from medlab.data import load_dataset
-    from medlab.evaluate import evaluate_binary, load_model_predictions
+    from medlab.evaluate import evaluate_model, load_model_predictions
     from medlab.export import export_variant, model_metadata
     from medlab.models import build_scratch_cnn
     from medlab.runs import RunFolder, write_json
@@ -77,27 +87,27 @@ def tiny_run(tmp_path_factory):
         train_model,
     )
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    np.savez(root / "tiny.npz", **generate(SyntheticConfig(image_size=32, counts=(160, 60, 60), seed=3,
+    np.savez(root / "tiny.npz", **generate(SyntheticConfig(task=task, image_size=32, counts=(160, 60, 60), seed=3,
                                                            difficulty=0.0)))
     dataset = load_dataset(root / "tiny.npz", progress=False)
     run = RunFolder(root / "run")
     set_determinism(0)
-    model = compile_model(build_scratch_cnn((32, 32, 1), 2, dataset.train.images, filters=(8, 16), dense_units=8), 2,
-                          learning_rate=3e-3)
+    classes = dataset.info.num_classes
+    model = compile_model(build_scratch_cnn((32, 32, 1), classes, dataset.train.images, filters=(8, 16),
+                                            dense_units=8), classes, learning_rate=3e-3)
     model_dir = run.model("scratch_cnn")
     train_model(model, dataset, model_dir, TrainConfig(max_epochs=6, batch_size=32), verbose=0)
     summarise_model(model_dir, dataset, {"pretrained": None})
     write_json(run.record("dataset"), dataset.describe())
-    (evaluated,) = [evaluate_binary(m, n_resamples=10) for m in load_model_predictions(run)]
+    (evaluated,) = [evaluate_model(m, n_resamples=10) for m in load_model_predictions(run)]
     write_json(run.record("evaluation"), {
-        "best_model_by_val_auc": "scratch_cnn", "models": {"scratch_cnn": {"threshold": evaluated["threshold"]}}})
+        "best_model_by_val_auc": "scratch_cnn", "models": {"scratch_cnn": {"threshold": evaluated.get("threshold")}}})
     import keras
 
     import medlab.models  # noqa: F401
 
     best = keras.saving.load_model(model_dir.checkpoint)
     export_variant(best, "int8", run.tflite("scratch_cnn", "int8"),
-                   model_metadata(dataset.info.class_names, (32, 32, 1), evaluated["threshold"], "scratch_cnn"),
+                   model_metadata(dataset.info.class_names, (32, 32, 1), evaluated.get("threshold"), "scratch_cnn"),
                    dataset.train.images[:32])
     return run.root, dataset

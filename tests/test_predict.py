@@ -87,3 +87,23 @@ def test_expand_inputs(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = expand_inputs([str(tmp_path / "a"), str(tmp_path / "*.png")])
     assert [p.name for p in found] == ["1.png", "2.jpg", "b.png"]
+
+
+def test_four_class_run_predicts_every_class(tiny_run_four_class, tmp_path, capsys):
+    run, dataset = tiny_run_four_class
+    paths = []
+    for index in range(4):
+        paths.append(tmp_path / f"case_{index}.png")
+        Image.fromarray(dataset.test.images[index][..., 0]).save(paths[-1])
+    assert main(["predict", *map(str, paths), "--run", str(run), "--json"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert output["threshold"] is None
+    saved = pd.read_csv(run / "models" / "scratch_cnn" / "predictions_test.csv").iloc[:4]
+    for row, (_, expected) in zip(output["predictions"], saved.iterrows()):
+        assert list(row["probabilities"]) == dataset.info.class_names and row["crossed_threshold"] is None
+        np.testing.assert_allclose([row["probabilities"][c] for c in dataset.info.class_names],
+                                   [expected[f"p_{c}"] for c in dataset.info.class_names], atol=1e-5)
+        assert row["predicted_class"] == max(row["probabilities"], key=row["probabilities"].get)
+    assert main(["predict", str(paths[0]), "--run", str(run), "--csv"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("file,predicted_class," + ",".join(f"p_{c}" for c in dataset.info.class_names))

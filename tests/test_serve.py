@@ -1,3 +1,4 @@
+import contextlib
 import io
 import shutil
 import socket
@@ -91,8 +92,8 @@ def test_decompression_bomb_is_refused(client):
     assert response.status_code == 422 and "too large" in response.json()["detail"]
 
 
-@pytest.fixture(scope="module")
-def live_server(predictor):
+@contextlib.contextmanager
+def serving(predictor):
     """The app on a real loopback port, as `medlab serve` runs it."""
     import uvicorn
 
@@ -106,9 +107,17 @@ def live_server(predictor):
         if server.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_server(predictor):
+    with serving(predictor) as url:
+        yield url
 
 
 def test_loopback_load(live_server, good_png):
@@ -128,18 +137,21 @@ def test_loopback_load(live_server, good_png):
           f"p95 {latencies[int(0.95 * len(latencies)) - 1]:.1f} ms")
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="Debian chromium and chromium-driver not installed (make test installs them when run as root)")
-def test_upload_in_a_real_browser(live_server, tiny_run, tmp_path):
+BROWSER = pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="Debian chromium and chromium-driver not installed (make test installs them when run as root)")
+
+
+def upload_in_browser(url: str, image: np.ndarray, tmp_path) -> tuple[str, int, int]:
+    """Open the page in headless Chromium, drop ``image`` on it; return the predicted class, bars, chosen bars."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _run, dataset = tiny_run
     image_path = tmp_path / "case.png"
-    Image.fromarray(dataset.test.images[1][..., 0]).save(image_path)
+    Image.fromarray(image[..., 0]).save(image_path)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -148,14 +160,37 @@ def test_upload_in_a_real_browser(live_server, tiny_run, tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
-        driver.get(live_server)
+        driver.get(url)
         driver.find_element(By.ID, "file").send_keys(str(image_path))
         WebDriverWait(driver, 60).until(expected_conditions.visibility_of_element_located((By.ID, "result")))
         predicted = driver.find_element(By.ID, "predicted").text
-        assert predicted in {"normal", "pneumonia"}
         bars = driver.find_elements(By.CSS_SELECTOR, "#bars .bar")
-        assert len(bars) == 2 and len(driver.find_elements(By.CSS_SELECTOR, "#bars .bar.chosen")) == 1
+        chosen = driver.find_elements(By.CSS_SELECTOR, "#bars .bar.chosen")
         assert driver.find_element(By.ID, "gradcam").get_attribute("src").startswith("data:image/png;base64,")
         driver.save_screenshot(str(tmp_path / "page.png"))
+        return predicted, len(bars), len(chosen)
     finally:
         driver.quit()
+
+
+@BROWSER
+def test_upload_in_a_real_browser(live_server, tiny_run, tmp_path):
+    _run, dataset = tiny_run
+    predicted, bars, chosen = upload_in_browser(live_server, dataset.test.images[1], tmp_path)
+    assert predicted in {"normal", "pneumonia"} and bars == 2 and chosen == 1
+
+
+def test_four_classes_predict_and_show_four_bars(tiny_run_four_class, tmp_path):
+    run, dataset = tiny_run_four_class
+    predictor = Predictor(run)
+    assert predictor.class_names == dataset.info.class_names and len(predictor.class_names) == 4
+    client = TestClient(create_app(predictor))
+    assert client.get("/health").json()["classes"] == dataset.info.class_names
+    body = client.post("/predict", files={"file": ("x.png", png(dataset.test.images[2][..., 0]), "image/png")}).json()
+    probabilities = body["probabilities"]
+    assert list(probabilities) == dataset.info.class_names and sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
+    assert body["predicted_class"] == max(probabilities, key=probabilities.get)
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        with serving(predictor) as url:
+            predicted, bars, chosen = upload_in_browser(url, dataset.test.images[2], tmp_path)
+        assert predicted == body["predicted_class"] and bars == 4 and chosen == 1
