@@ -109,3 +109,27 @@ def test_model_card_and_headline_from_evaluation_record():
     assert "pretrained: false" in card and "chance is 0.030" in card
     rows = reports.headline_rows(metrics)
     assert [row["model"] for row in rows] == ["scratch_cnn", "transfer"]
+
+
+def test_a_corrupt_image_stops_the_real_lessons_clearly_and_the_switch_lists_it(tmp_path, monkeypatch):
+    """Lessons 01 and 03 on a 4-class folder with one corrupt file: a clear failure naming it, then a run without it."""
+    from conftest import make_tree
+
+    from medlab.smoke import SMOKE_PARAMETERS
+
+    monkeypatch.setenv("MEDLAB_REPORTS_DIR", str(tmp_path / "reports"))
+    classes = {"glioma": 30, "meningioma": 80, "notumor": 130, "pituitary": 180}
+    root = make_tree(tmp_path / "mri", {"Training": 0, "Testing": 0}, classes, per_class=8)
+    (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    parameters = {k: v for k, v in SMOKE_PARAMETERS.items() if k != "dataset"}
+    with pytest.raises(ReportError) as failure:
+        run_reports(str(root), ["01", "03"], parameters, progress=False)
+    message = str(failure.value)
+    assert "01_eda.ipynb failed" in message and "broken.jpg" in message and "skip_bad_files" in message
+    assert not (tmp_path / "reports" / "mri").exists() and (tmp_path / "reports" / "mri.failed").exists()
+    final = run_reports(str(root), ["01", "03"], {**parameters, "skip_bad_files": True}, progress=False)
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert [skipped["file"] for skipped in metrics["dataset"]["skipped_files"]] == ["Training/glioma/broken.jpg"]
+    assert metrics["dataset"]["class_names"] == list(classes)
+    assert metrics["records"]["model_scratch_cnn"]["val_auc"] > 0
+    assert "broken.jpg" in (final / "01_eda.html").read_text()
