@@ -63,8 +63,8 @@ test: setup browser ## Unit tests, then every notebook under nbval with small pa
 serve: setup ## Start the web app on http://127.0.0.1:8000 for the newest run (RUN=reports/<run> to choose)
 	$(VENV)/bin/medlab serve $(if $(RUN),--run $(RUN))
 
-lint: setup ## Static checks (ruff) and notebooks-without-outputs check
-	$(VENV)/bin/ruff check medlab tests scripts
+lint: setup ## Static checks (ruff on code and notebooks) and notebooks-without-outputs check
+	$(VENV)/bin/ruff check medlab tests scripts notebooks
 	$(PY) -m medlab.smoke --check-clean
 
 SEEDS ?= 3
