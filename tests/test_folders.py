@@ -161,14 +161,32 @@ def test_image_modes_are_converted(tmp_path, mode, fmt, suffix):
     assert np.abs(odd - reference).mean() <= tolerance, f"{mode} {fmt} decoded differently"
 
 
-def test_rgb_folder_becomes_three_channels(tmp_path):
+def test_colour_folder_becomes_three_channels(tmp_path):
     root = tmp_path / "d"
     for split in ("train", "test"):
         for name, value in CHEST.items():
             for index in range(3):
-                write_image(root / split / name / f"{index}.png", value, mode="RGB")
+                path = write_image(root / split / name / f"{index}.png", value, mode="RGB")
+                pixels = np.asarray(Image.open(path)).copy()
+                pixels[8:12, 8:12] = (200, 30, 30)  # a red mark: a real colour picture
+                Image.fromarray(pixels).save(path)
     dataset = load_dataset(root, image_size=12, progress=False)
     assert dataset.info.channels == 3 and dataset.train.images.shape[-1] == 3
+
+
+def test_grayscale_pictures_saved_as_rgb_are_read_as_one_channel(tmp_path):
+    """Like the Kaggle brain MRI set: most files are RGB JPEGs of grayscale scans."""
+    root = tmp_path / "d"
+    for split in ("train", "test"):
+        for name, value in CHEST.items():
+            for index in range(4):
+                write_image(root / split / name / f"{index}.jpg", value + index, mode="RGB", fmt="JPEG")
+            write_image(root / split / name / "gray.png", value, mode="L")
+    dataset = load_dataset(root, image_size=16, progress=False)
+    assert dataset.info.channels == 1 and dataset.train.images.shape[-1] == 1
+    assert any("hold a grayscale picture" in note and "one grayscale channel" in note for note in dataset.info.notes)
+    everything = {**dict(zip(dataset.train.ids, dataset.train.images)), **dict(zip(dataset.val.ids, dataset.val.images))}
+    assert np.abs(everything["train/NORMAL/0.jpg"].astype(int) - everything["train/NORMAL/gray.png"]).mean() < 12
 
 
 def test_folder_cache_is_used_and_rebuilt_when_files_change(tmp_path, monkeypatch):
