@@ -48,7 +48,7 @@ TF_DECODABLE = {
 _GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 # File names that carry a patient identifier, e.g. Kaggle's person123_bacteria_456.jpeg.
 DEFAULT_PATIENT_PATTERN = r"^(person\d+|patient[_-]?\d+)"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: grayscale pictures saved as RGB are read as one channel
 
 
 # --------------------------------------------------------------------------
