@@ -1,0 +1,118 @@
+"""Each lesson writes its technique out in a cell tagged ``technique``; that code must equal medlab's.
+
+The cells are read from the committed notebooks and executed here on tiny inputs, so a lesson cannot
+lose its written-out technique, and the lesson and the library cannot drift apart.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from medlab import config
+
+# Per lesson: what its technique cell must show (the lines a student is meant to read).
+REQUIRED = {
+    "02_augmentation": ["keras.layers.RandomRotation", "keras.layers.RandomContrast"],
+    "03_scratch_cnn": ["keras.layers.Conv2D", "keras.layers.BatchNormalization", "keras.layers.MaxPooling2D",
+                       "keras.layers.GlobalAveragePooling2D", "keras.Model("],
+    "04_transfer_learning": ["base.trainable = False", "keras.applications.MobileNetV2", "keras.layers.Dense"],
+    "06_evaluation": ["tf.GradientTape", "tape.gradient", "tf.reduce_mean", "tf.nn.relu"],
+    "07_tflite": ["TFLiteConverter.from_saved_model", "Interpreter(", ".invoke()"],
+}
+
+
+def technique(lesson: str) -> dict:
+    """Execute the lesson's ``technique`` cells; return what they define."""
+    cells = json.loads((config.NOTEBOOKS_DIR / f"{lesson}.ipynb").read_text())["cells"]
+    sources = ["".join(cell["source"]) for cell in cells
+               if "technique" in cell.get("metadata", {}).get("tags", [])]
+    assert sources, f"{lesson} has no cell tagged 'technique' (its written-out core)"
+    from ai_edge_litert.interpreter import Interpreter
+
+    namespace = {"keras": keras, "tf": tf, "np": np, "Interpreter": Interpreter}
+    for source in sources:
+        exec(compile(source, f"{lesson}.ipynb[technique]", "exec"), namespace)
+    namespace["__source__"] = "\n".join(sources)
+    return namespace
+
+
+@pytest.mark.parametrize("lesson", sorted(REQUIRED))
+def test_each_lesson_writes_its_technique_out(lesson):
+    source = technique(lesson)["__source__"]
+    missing = [text for text in REQUIRED[lesson] if text not in source]
+    assert not missing, f"{lesson}'s technique cell no longer shows {missing}"
+
+
+def test_augmentation_written_out_draws_what_medlab_draws():
+    from medlab.augment import AugmentationConfig, build_augmentation
+
+    written_out = technique("02_augmentation")["augmentation_written_out"]
+    cfg = AugmentationConfig()
+    images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 1)).astype("float32")
+    for seed in (0, 42):
+        ours = written_out(cfg.rotation, cfg.zoom, cfg.translation, cfg.contrast, seed)(images, training=True)
+        np.testing.assert_allclose(ours, build_augmentation(cfg, seed=seed)(images, training=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("classes,side,stride", [(2, 32, 1), (4, 64, 2)])
+def test_scratch_cnn_written_out_is_build_scratch_cnn(classes, side, stride):
+    from medlab.models import build_scratch_cnn, default_filters
+
+    written_out = technique("03_scratch_cnn")["scratch_cnn_written_out"]
+    images = np.random.default_rng(1).integers(0, 255, (20, side, side, 1)).astype("uint8")
+    filters = default_filters((side, side))
+    ours = written_out((side, side, 1), classes, images, filters, stride, 16, 0.3)
+    reference = build_scratch_cnn((side, side, 1), classes, images, filters=filters, dense_units=16, dropout=0.3,
+                                  stem_stride=stride)
+    assert ours.count_params() == reference.count_params()
+    ours.set_weights(reference.get_weights())
+    batch = images[:8].astype("float32")
+    np.testing.assert_allclose(ours(batch, training=False), reference(batch, training=False), atol=1e-5)
+
+
+def test_transfer_written_out_is_build_transfer_model():
+    from medlab.models import build_transfer_model
+
+    written_out = technique("04_transfer_learning")["transfer_written_out"]
+    reference, info = build_transfer_model((32, 32, 1), 4, weights=None, dropout=0.2)
+    ours = written_out((32, 32, 1), 4, info.backbone_size, 0.2, weights=None)
+    assert ours.count_params() == reference.count_params()
+    head = sum(int(np.prod(w.shape)) for w in ours.trainable_weights)
+    assert head == 1280 * 4 + 4  # frozen base: only the new output layer trains
+    ours.set_weights(reference.get_weights())
+    batch = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(ours(batch, training=False), reference(batch, training=False), atol=1e-4)
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_gradcam_written_out_is_explain_gradcam(classes):
+    from medlab import explain
+    from medlab.models import build_scratch_cnn, last_conv_layer_name
+
+    written_out = technique("06_evaluation")["gradcam_written_out"]
+    images = np.random.default_rng(3).integers(0, 255, (3, 32, 32, 1)).astype("uint8")
+    keras.utils.set_random_seed(classes)
+    model = build_scratch_cnn((32, 32, 1), classes, images, filters=(8, 16), dense_units=8)
+    layer = last_conv_layer_name(model)
+    for image in images:
+        np.testing.assert_allclose(written_out(model, image, layer),
+                                   explain.gradcam(model, image[None], layer_name=layer)[0], atol=1e-4)
+
+
+def test_tflite_written_out_matches_keras_and_medlab_export():
+    from medlab.export import convert
+    from medlab.models import build_scratch_cnn
+
+    lesson = technique("07_tflite")
+    images = np.random.default_rng(4).integers(0, 255, (5, 32, 32, 1)).astype("uint8")
+    model = build_scratch_cnn((32, 32, 1), 4, images, filters=(8, 16), dense_units=8)
+    with tempfile.TemporaryDirectory() as folder:
+        tflite_bytes = lesson["tflite_written_out"](model, Path(folder) / "saved_model")
+    ours = lesson["run_tflite_written_out"](tflite_bytes, images)
+    np.testing.assert_allclose(ours, model.predict(images.astype("float32"), verbose=0), atol=1e-5)
+    np.testing.assert_allclose(ours, lesson["run_tflite_written_out"](convert(model, "float32"), images), atol=1e-6)
