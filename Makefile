@@ -55,10 +55,14 @@ browser: ## Install Debian's chromium and chromedriver for the browser test (whe
 		echo "note: chromium/chromedriver missing and not root: the browser test will be skipped"; \
 	fi
 
-test: setup browser ## Unit tests, then every notebook under nbval with small parameters
+test: setup browser ## Unit tests and, side by side, every notebook under nbval with small parameters
 	rm -rf $(NBVAL_DIR)
 	$(PY) -m medlab.smoke $(NBVAL_DIR)
-	$(PY) -m pytest tests $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider
+	@echo "unit tests (log: build/unit-tests.log, shown at the end) and notebooks run side by side"
+	@$(PY) -m pytest tests -p no:cacheprovider > build/unit-tests.log 2>&1 & unit=$$!; \
+	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider; notebooks=$$?; \
+	wait $$unit; units=$$?; cat build/unit-tests.log; \
+	echo "make test: notebooks exit $$notebooks, unit tests exit $$units"; [ $$notebooks = 0 ] && [ $$units = 0 ]
 
 serve: setup ## Start the web app on http://127.0.0.1:8000 for the newest run (RUN=reports/<run> to choose)
 	$(VENV)/bin/medlab serve $(if $(RUN),--run $(RUN))
