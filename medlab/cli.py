@@ -107,101 +107,118 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(arguments) -> int:
-    if arguments.command == "data":
-        if arguments.data_command == "synthetic":
-            from medlab.synthetic import SyntheticConfig, ensure_synthetic
+    """Dispatch to the subcommand's handler."""
+    handlers = {"data": _data, "info": _info, "audit": _audit, "reports": _reports, "predict": _predict,
+                "serve": _predict, "bench": _bench}
+    return handlers[arguments.command](arguments)
 
-            cfg = SyntheticConfig(task=arguments.task, image_size=arguments.image_size, seed=arguments.seed)
-            print(ensure_synthetic(cfg))
+
+def _papermill_logging() -> None:
+    """papermill logs each cell's output (per-epoch training lines) at INFO: show those, nothing else."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
+
+
+def _data(arguments) -> int:
+    if arguments.data_command == "synthetic":
+        from medlab.synthetic import SyntheticConfig, ensure_synthetic
+
+        print(ensure_synthetic(SyntheticConfig(task=arguments.task, image_size=arguments.image_size,
+                                               seed=arguments.seed)))
+    else:
+        from medlab.download import download_medmnist
+
+        print(download_medmnist(arguments.flag, arguments.size))
+    return 0
+
+
+def _info(arguments) -> int:
+    from medlab.data import load_dataset
+
+    dataset = load_dataset(arguments.dataset, image_size=arguments.image_size or None,
+                           on_error="skip" if arguments.skip_bad_files else "raise")
+    print(json.dumps(dataset.describe(), indent=2))
+    print(dataset.counts().to_string())
+    return 0
+
+
+def _audit(arguments) -> int:
+    from medlab.audit import (
+        NEAR_DUPLICATE_DISTANCE,
+        duplicate_summary,
+        find_duplicates,
+        find_near_duplicates,
+        near_duplicate_summary,
+    )
+    from medlab.data import load_dataset
+
+    dataset = load_dataset(arguments.dataset, on_error="skip" if arguments.skip_bad_files else "raise")
+    for name, reason in dataset.info.skipped:
+        print(f"skipped {name}: {reason}")
+    duplicates = find_duplicates(dataset)
+    print(duplicate_summary(duplicates).to_string() if len(duplicates) else "no exact duplicates")
+    if len(duplicates):
+        print()
+        print(duplicates.to_string(index=False, max_colwidth=60))
+    near = find_near_duplicates(dataset)
+    print(f"\nnear duplicates (perceptual hash within {NEAR_DUPLICATE_DISTANCE} of 64 bits, not exact copies):")
+    print(near_duplicate_summary(near).to_string() if len(near) else "none")
+    if len(near):
+        print()
+        print(near.to_string(index=False, max_colwidth=60))
+    return 0
+
+
+def _reports(arguments) -> int:
+    from medlab.reports import run_reports
+
+    _papermill_logging()
+    final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
+    print(f"report written: {RunFolder(final).index_html}")
+    return 0
+
+
+def _predict(arguments) -> int:
+    """``predict`` and ``serve``: the same model loading, then a table or a web server."""
+    from medlab.predict import Predictor, default_run
+
+    run = arguments.run or default_run(config.reports_dir())
+    predictor = Predictor(run, arguments.model, arguments.model_name)
+    if arguments.command == "serve":
+        from medlab.serve import run_server
+
+        run_server(predictor, arguments.host, arguments.port)
+        return 0
+    return _print_predictions(predictor, arguments)
+
+
+def _bench(arguments) -> int:
+    from medlab import bench
+
+    if arguments.what == "data":
+        results = bench.data_benchmark(arguments.images)
+        if arguments.json:
+            print(json.dumps(results, indent=2))
         else:
-            from medlab.download import download_medmnist
-
-            print(download_medmnist(arguments.flag, arguments.size))
+            bench.print_table(results)
         return 0
-    if arguments.command in {"info", "audit"}:
-        from medlab.data import load_dataset
+    if arguments.what == "speed":
+        from medlab import speed
 
-        on_error = "skip" if arguments.skip_bad_files else "raise"
-        if arguments.command == "info":
-            dataset = load_dataset(arguments.dataset, image_size=arguments.image_size or None, on_error=on_error)
-            print(json.dumps(dataset.describe(), indent=2))
-            print(dataset.counts().to_string())
-            return 0
-        from medlab.audit import (
-            NEAR_DUPLICATE_DISTANCE,
-            duplicate_summary,
-            find_duplicates,
-            find_near_duplicates,
-            near_duplicate_summary,
-        )
-
-        dataset = load_dataset(arguments.dataset, on_error=on_error)
-        for name, reason in dataset.info.skipped:
-            print(f"skipped {name}: {reason}")
-        duplicates = find_duplicates(dataset)
-        print(duplicate_summary(duplicates).to_string() if len(duplicates) else "no exact duplicates")
-        if len(duplicates):
-            print()
-            print(duplicates.to_string(index=False, max_colwidth=60))
-        near = find_near_duplicates(dataset)
-        print(f"\nnear duplicates (perceptual hash within {NEAR_DUPLICATE_DISTANCE} of 64 bits, not exact copies):")
-        print(near_duplicate_summary(near).to_string() if len(near) else "none")
-        if len(near):
-            print()
-            print(near.to_string(index=False, max_colwidth=60))
-        return 0
-    if arguments.command == "reports":
-        import logging
-
-        from medlab.reports import run_reports
-
-        # papermill logs each cell's output (per-epoch training lines) at INFO.
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        logging.getLogger("papermill").setLevel(logging.INFO)
-
-        final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
-        print(f"report written: {RunFolder(final).index_html}")
-        return 0
-    if arguments.command in {"predict", "serve"}:
-        from medlab.predict import Predictor, default_run
-
-        run = arguments.run or default_run(config.reports_dir())
-        predictor = Predictor(run, arguments.model, arguments.model_name)
-        if arguments.command == "serve":
-            from medlab.serve import run_server
-
-            run_server(predictor, arguments.host, arguments.port)
-            return 0
-        return _print_predictions(predictor, arguments)
-    if arguments.command == "bench":
-        from medlab import bench
-
-        if arguments.what == "data":
-            results = bench.data_benchmark(arguments.images)
-            if arguments.json:
-                print(json.dumps(results, indent=2))
-            else:
-                bench.print_table(results)
-            return 0
-        if arguments.what == "speed":
-            from medlab import speed
-
-            results = speed.speed_benchmark(arguments.run)
-            json_path, markdown_path = speed.write_results(results, config.reports_dir() / "bench")
-            print(json.dumps(results, indent=2) if arguments.json else speed.markdown(results))
-            print(f"\nwritten: {json_path}, {markdown_path}")
-            return 0
-        import logging
-
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        logging.getLogger("papermill").setLevel(logging.INFO)
-        result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images,
-                                      skip_bad_files=arguments.skip_bad_files, speed=not arguments.no_speed)
-        json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
-        print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
+        results = speed.speed_benchmark(arguments.run)
+        json_path, markdown_path = speed.write_results(results, config.reports_dir() / "bench")
+        print(json.dumps(results, indent=2) if arguments.json else speed.markdown(results))
         print(f"\nwritten: {json_path}, {markdown_path}")
         return 0
-    raise AssertionError(arguments.command)
+    _papermill_logging()
+    result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images,
+                                  skip_bad_files=arguments.skip_bad_files, speed=not arguments.no_speed)
+    json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
+    print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
+    print(f"\nwritten: {json_path}, {markdown_path}")
+    return 0
 
 
 def _print_predictions(predictor, arguments) -> int:

@@ -47,3 +47,11 @@ def test_audit_of_a_folder_with_a_corrupt_file_names_the_flag_then_works_with_it
     assert main(["audit", str(root), "--skip-bad-files"]) == 0
     output = capsys.readouterr().out
     assert "skipped Training/glioma/broken.png" in output
+
+
+def test_python_dash_m_medlab_is_the_same_command_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "medlab", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "{data,info,audit,reports,predict,serve,bench}" in result.stdout
