@@ -174,6 +174,11 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
     return keras.Model(inputs, _output_layer(x, num_classes), name="scratch_cnn")
 
 
+def load_model(path) -> keras.Model:
+    """A saved ``.keras`` model, medlab's own layers included (importing this module registers them)."""
+    return keras.saving.load_model(path)
+
+
 def default_filters(image_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Filters per block for :func:`build_scratch_cnn`: three blocks up to 32 px, a fourth (256) above.
 

@@ -74,11 +74,10 @@ class Predictor:
         self.keras_model = None
         self.lite_model = None
         if kind == "keras":
-            import keras
 
-            import medlab.models  # noqa: F401  (registers medlab's layers for loading)
+            from medlab.models import load_model
 
-            self.keras_model = keras.saving.load_model(model.checkpoint)
+            self.keras_model = load_model(model.checkpoint)
         else:
             from medlab.export import LiteModel
 

@@ -282,7 +282,7 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
         x = layer.__class__.from_config(layer.get_config())(x)
     head = compile_model(keras.Model(head_input, x, name="head"), dataset.info.num_classes, learning_rate)
     history = train_model(head, Dataset(dataset.info, feature_splits), folder.path, cfg, verbose=verbose)
-    best_head = keras.saving.load_model(folder.checkpoint)
+    best_head = keras.saving.load_model(folder.checkpoint)  # the head alone: Keras layers only
     for layer in head_layers:
         layer.set_weights(best_head.get_layer(layer.name).get_weights())
     model.save(folder.checkpoint)
@@ -326,7 +326,7 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
     """
     from dataclasses import replace
 
-    from medlab.models import average_models
+    from medlab.models import average_models, load_model
 
     folder = ModelFolder(Path(model_dir))
     seeds = member_seeds(cfg.seed, members)
@@ -341,7 +341,7 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
         histories.append(history.assign(member=seed))
         summaries.append(read_json(member.training))
     if members > 1:
-        trained = [keras.saving.load_model(folder.member(seed).checkpoint) for seed in seeds]
+        trained = [load_model(folder.member(seed).checkpoint) for seed in seeds]
         average_models(trained, name=trained[0].name).save(folder.checkpoint)
         summary = {
             "config": asdict(cfg),
@@ -398,10 +398,10 @@ def summarise_model(model_dir: str | Path, dataset: Dataset, extra: dict | None 
     ``extra`` (e.g. whether ImageNet weights were used). Decision thresholds
     are chosen later, on validation data only (lesson 06).
     """
-    import medlab.models  # noqa: F401  (registers medlab's custom layers for loading)
+    from medlab.models import load_model
 
     folder = ModelFolder(Path(model_dir))
-    model = keras.saving.load_model(folder.checkpoint)
+    model = load_model(folder.checkpoint)
     summary = {"model": model.name, **(extra or {})}
     for split_name in ("val", "test"):
         split = dataset.splits[split_name]
