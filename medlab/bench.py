@@ -140,7 +140,7 @@ PUBLISHED = {
         {"source": "Tejashwini, Geetha, Thriveni: VGG16 + EfficientNetB0 fusion, ImageNet-pretrained, IJERT 13(3), "
                    "2024, doi:10.17577/IJERTV13IS030038",
          "accuracy": 0.99, "overlap": "not stated; the dataset's own Testing split has exact copies of "
-                                      "Training images (217 of 1,311 here)"},
+                                      "Training images (216 of 1,311 here)"},
     ],
 }
 
