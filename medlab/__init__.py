@@ -5,8 +5,8 @@ pipeline stage:
 
 - :mod:`medlab.config`     paths and defaults, derived in one place
 - :mod:`medlab.synthetic`  the offline default: chest-radiograph-like phantoms
-- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator and folders, behind one description
-- :mod:`medlab.folders`    class-per-folder image trees: scan, validate, decode, cache
+- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator and class-per-folder trees
+                           (one module per source, a registry, validation carving, ``tf.data`` input)
 - :mod:`medlab.download`   fetching official MedMNIST files (MD5-checked)
 - :mod:`medlab.audit`      duplicate detection within and across splits
 - :mod:`medlab.augment`    the Keras augmentation pipeline

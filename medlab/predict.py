@@ -4,7 +4,7 @@
 (:mod:`medlab.serve`) both go through :class:`Predictor`: the model the run's
 evaluation chose (or one named), its class names, and the decision threshold
 frozen on validation data. Images are decoded and resized by
-:func:`medlab.folders.decode_files`, the same ``tf.data`` code that prepared
+:func:`medlab.data.folder.decode_files`, the same ``tf.data`` code that prepared
 the training data, so a prediction sees exactly what the model was trained on.
 """
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medlab.evaluate import chosen_model
-from medlab.folders import (
+from medlab.data.folder import (
     IMAGE_SUFFIXES,
     TF_DECODABLE,
     decode_files,
     decode_image_file,
     read_header,
 )
+from medlab.evaluate import chosen_model
 from medlab.runs import RunFolder, read_json
 
 MODEL_KINDS = ("keras", "tflite-float32", "tflite-float16", "tflite-dynamic_range", "tflite-int8")

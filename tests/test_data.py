@@ -146,3 +146,25 @@ def test_bad_arguments_raise_value_error(tiny_npz):
     dataset = load_dataset(tiny_npz)
     with pytest.raises(ValueError):
         make_tf_dataset(dataset.train, 1)
+
+
+def test_a_new_source_is_one_module_and_one_registry_entry(monkeypatch, tiny_npz):
+    """load_dataset asks each registered source in turn and uses the first that matches."""
+    import types
+
+    from medlab.data import SOURCES, npz
+    from medlab.data.registry import LoadOptions
+
+    calls = []
+
+    def load(spec, options):
+        calls.append((spec, options))
+        return npz.load_npz(tiny_npz, None, None, options.seed, options.validation_fraction)
+
+    source = types.SimpleNamespace(matches=lambda spec: spec.startswith("hospital://"), load=load)
+    monkeypatch.setitem(SOURCES, "hospital", source)
+    dataset = load_dataset("hospital://ward-3", seed=3, max_images_per_split=10)
+    assert calls == [("hospital://ward-3", LoadOptions(None, None, 3, 0.1, "raise", True))]
+    assert max(len(split) for split in dataset.splits.values()) <= 10
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("clinic://nowhere")

@@ -7,8 +7,8 @@ import pytest
 from conftest import make_tree, write_image
 from PIL import Image
 
-from medlab import folders
 from medlab.data import DataError, load_dataset
+from medlab.data import folder as folders
 
 CHEST = {"NORMAL": 40, "PNEUMONIA": 160}
 

@@ -24,14 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from medlab import config
-from medlab.data import (
-    SPLITS,
-    DataError,
-    Dataset,
-    DatasetInfo,
-    Split,
-    carve_validation,
-)
+from medlab.data.splitting import carve_validation
+from medlab.data.types import SPLITS, DataError, Dataset, DatasetInfo, Split
 from medlab.npzio import file_sha256, write_npz_atomic
 
 SPLIT_ALIASES = {
@@ -72,24 +66,48 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 def scan_folder(root: Path) -> _FolderScan:
     """Find splits and classes in a class-per-folder tree; check its structure."""
-    root = Path(root)
     notes: list[str] = []
-    # Kaggle archives often nest the tree one level deeper (chest_xray/chest_xray/...).
+    root, subdirs = _descend_to_splits(Path(root), notes)
+    split_dirs = _split_folders(root, subdirs, notes)
+    raw_classes = {split: [d.name for d in _visible_dirs(folder)] for split, folder in split_dirs.items()}
+    for split, names in raw_classes.items():
+        if len(names) < 2:
+            raise DataError(
+                f"{split_dirs[split]}: split {split!r} has {len(names)} class folder(s) "
+                f"({', '.join(names) or 'none'}); every split needs a folder for each of at least two classes"
+            )
+    class_maps = _match_class_folders(raw_classes, split_dirs, notes)
+    class_names = sorted(set(class_maps["train"].values()))
+    files: dict[str, list[tuple[Path, int]]] = {}
+    ignored: list[str] = []
+    for split, folder in split_dirs.items():
+        files[split] = []
+        for raw_name, class_name in class_maps[split].items():
+            images = _class_images(root, folder / raw_name, ignored)
+            files[split] += [(file, class_names.index(class_name)) for file in images]
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else "")
+        notes.append(f"ignored {len(ignored)} non-image file(s): {shown}")
+    return _FolderScan(root, class_names, files, ignored, notes)
+
+
+def _descend_to_splits(root: Path, notes: list[str]) -> tuple[Path, list[Path]]:
+    """Kaggle archives often nest the tree one level deeper (chest_xray/chest_xray/...): go down to the splits."""
     while True:
         subdirs = _visible_dirs(root)
         if any(entry.name.lower() in SPLIT_ALIASES for entry in subdirs):
-            break
-        if len(subdirs) == 1 or any(
-            entry.name.lower() == root.name.lower() for entry in subdirs
-        ):
-            nested = next((e for e in subdirs if e.name.lower() == root.name.lower()), subdirs[0])
-            notes.append(f"descended into nested folder {nested.name}/")
-            root = nested
+            return root, subdirs
+        if len(subdirs) == 1 or any(entry.name.lower() == root.name.lower() for entry in subdirs):
+            root = next((e for e in subdirs if e.name.lower() == root.name.lower()), subdirs[0])
+            notes.append(f"descended into nested folder {root.name}/")
             continue
         raise DataError(
             f"{root}: no split folders found; expected train/ and test/ (or Training/Testing, "
             f"valid/val), each with one folder per class. Found: {', '.join(e.name for e in subdirs) or 'nothing'}"
         )
+
+
+def _split_folders(root: Path, subdirs: list[Path], notes: list[str]) -> dict[str, Path]:
     split_dirs: dict[str, Path] = {}
     for entry in subdirs:
         split = SPLIT_ALIASES.get(entry.name.lower())
@@ -102,41 +120,23 @@ def scan_folder(root: Path) -> _FolderScan:
     for needed in ("train", "test"):
         if needed not in split_dirs:
             raise DataError(f"{root}: no {needed} split folder (found: {', '.join(d.name for d in split_dirs.values())})")
+    return split_dirs
 
-    raw_classes = {split: [d.name for d in _visible_dirs(folder)] for split, folder in split_dirs.items()}
-    for split, names in raw_classes.items():
-        if len(names) < 2:
-            raise DataError(
-                f"{split_dirs[split]}: split {split!r} has {len(names)} class folder(s) "
-                f"({', '.join(names) or 'none'}); every split needs a folder for each of at least two classes"
-            )
-    class_maps = _match_class_folders(raw_classes, split_dirs, notes)
-    class_names = sorted(set(class_maps["train"].values()))
 
-    files: dict[str, list[tuple[Path, int]]] = {}
-    ignored: list[str] = []
-    for split, folder in split_dirs.items():
-        entries = []
-        for raw_name, class_name in class_maps[split].items():
-            class_dir = folder / raw_name
-            found = 0
-            for file in sorted(class_dir.rglob("*")):
-                if not file.is_file():
-                    continue
-                relative = str(file.relative_to(root))
-                hidden = any(part.startswith(".") for part in file.relative_to(class_dir).parts)
-                if hidden or file.suffix.lower() not in IMAGE_SUFFIXES:
-                    ignored.append(relative)  # hidden files and folders (.ipynb_checkpoints/) are never images of a class
-                    continue
-                entries.append((file, class_names.index(class_name)))
-                found += 1
-            if found == 0:
-                raise DataError(f"{class_dir}: class folder is empty (no image files)")
-        files[split] = entries
-    if ignored:
-        shown = ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else "")
-        notes.append(f"ignored {len(ignored)} non-image file(s): {shown}")
-    return _FolderScan(root, class_names, files, ignored, notes)
+def _class_images(root: Path, class_dir: Path, ignored: list[str]) -> list[Path]:
+    """The image files under one class folder; the rest (hidden, other suffixes) go to ``ignored``."""
+    images = []
+    for file in sorted(class_dir.rglob("*")):
+        if not file.is_file():
+            continue
+        hidden = any(part.startswith(".") for part in file.relative_to(class_dir).parts)
+        if hidden or file.suffix.lower() not in IMAGE_SUFFIXES:
+            ignored.append(str(file.relative_to(root)))  # hidden files and folders (.ipynb_checkpoints/) never count
+            continue
+        images.append(file)
+    if not images:
+        raise DataError(f"{class_dir}: class folder is empty (no image files)")
+    return images
 
 
 def _match_class_folders(raw_classes, split_dirs, notes) -> dict[str, dict[str, str]]:
@@ -311,7 +311,8 @@ def _is_grey_picture(path: Path) -> bool:
 
 
 def load_folder(root: Path, image_size: int | None, channels: int | None, seed: int,
-                 validation_fraction: float, on_error: str, progress: bool) -> Dataset:
+                validation_fraction: float, on_error: str, progress: bool) -> Dataset:
+    """Scan the tree, then read it from the cache, or read headers, decode, check and write the cache."""
     scan = scan_folder(root)
     image_size = image_size or config.default_folder_image_size(sum(len(e) for e in scan.files.values()))
     key = _folder_cache_key(scan, image_size, channels, seed, validation_fraction)
@@ -321,60 +322,29 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, seed: 
             return _dataset_from_folder_cache(cache_path, scan, on_error)
         except (DataError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
             pass  # unreadable, half-written or inconsistent cache: rebuild it below
-
-    # Headers: catch zero-byte and unreadable files early, learn modes and sizes.
-    headers = {}
-    for entries in scan.files.values():
-        for path, _label in entries:
-            headers[path] = read_header(path)
+    # Headers first: they catch zero-byte and unreadable files early and give modes and sizes.
+    headers = {path: read_header(path) for entries in scan.files.values() for path, _label in entries}
     bad = {path: result for path, result in headers.items() if isinstance(result, str)}
-    good_headers = [h for h in headers.values() if not isinstance(h, str)]
     notes = list(scan.notes)
     if channels is None:
         channels = _choose_channels(headers, notes)
-    modes = Counter(f"{fmt} {mode}" for fmt, mode, _size in good_headers)
-    sizes = np.array([size for _fmt, _mode, size in good_headers]) if good_headers else np.zeros((0, 2))
-
-    all_entries = [(split, path, label) for split, entries in scan.files.items()
-                   for path, label in entries if path not in bad]
-    use_pillow = [
-        headers[path][1] not in TF_DECODABLE.get(headers[path][0], set())
-        for _split, path, _label in all_entries
-    ]
-    images, failed = decode_files([p for _s, p, _l in all_entries], use_pillow, image_size, channels, progress)
+    entries = [(split, path, label) for split, split_entries in scan.files.items()
+               for path, label in split_entries if path not in bad]
+    use_pillow = [headers[path][1] not in TF_DECODABLE.get(headers[path][0], set()) for _s, path, _l in entries]
+    images, failed = decode_files([path for _s, path, _l in entries], use_pillow, image_size, channels, progress)
     for index in failed:
-        bad[all_entries[index][1]] = f"could not be decoded ({_decode_error(all_entries[index][1])})"
+        bad[entries[index][1]] = f"could not be decoded ({_decode_error(entries[index][1])})"
     if bad and on_error == "raise":
-        listing = "\n".join(f"  {path.relative_to(scan.root)}: {reason}" for path, reason in sorted(bad.items())[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise DataError(
-            f"{len(bad)} unreadable image file(s) in {scan.root}:\n{listing}{more}\n"
-            "Remove or fix them, or leave them out and list them: the notebook parameter skip_bad_files = True, "
-            "`medlab info|audit PATH --skip-bad-files`, or load_dataset(..., on_error='skip')."
-        )
-    skipped = [(str(path.relative_to(scan.root)), reason) for path, reason in sorted(bad.items())]
-
-    arrays: dict[str, np.ndarray] = {}
-    entry_splits = np.array([split for split, _path, _label in all_entries])
-    entry_labels = np.array([label for _split, _path, label in all_entries], dtype=np.int64)
-    entry_ids = np.array([str(path.relative_to(scan.root)) for _split, path, _label in all_entries])
-    keep = np.array([path not in bad for _split, path, _label in all_entries], dtype=bool)
-    for split in scan.files:
-        chosen = (entry_splits == split) & keep
-        if not chosen.any():
-            raise DataError(f"{scan.root}: no readable images left in split {split!r}")
-        arrays[f"{split}_images"] = images[chosen]
-        arrays[f"{split}_labels"] = entry_labels[chosen]
-        arrays[f"{split}_ids"] = entry_ids[chosen]
-        arrays[f"{split}_hashes"] = np.array([file_sha256(scan.root / name) for name in entry_ids[chosen]])
-    fingerprint = hashlib.sha256(
-        "\n".join(sorted(f"{h}  {i}" for split in scan.files
-                         for h, i in zip(arrays[f"{split}_hashes"], arrays[f"{split}_ids"]))).encode()
-    ).hexdigest()
+        _refuse_bad_files(scan.root, bad)
+    arrays = _split_arrays(scan, entries, images, bad)
+    good_headers = [h for h in headers.values() if not isinstance(h, str)]
+    sizes = np.array([size for _fmt, _mode, size in good_headers]) if good_headers else np.zeros((0, 2))
     meta = {
         "class_names": scan.class_names, "channels": channels, "image_size": image_size,
-        "fingerprint": fingerprint, "notes": notes, "skipped": skipped,
-        "modes": dict(modes), "seed": seed, "validation_fraction": validation_fraction,
+        "fingerprint": _fingerprint(arrays, scan.files), "notes": notes,
+        "skipped": [(str(path.relative_to(scan.root)), reason) for path, reason in sorted(bad.items())],
+        "modes": dict(Counter(f"{fmt} {mode}" for fmt, mode, _size in good_headers)),
+        "seed": seed, "validation_fraction": validation_fraction,
         "source_sizes": {
             "count": int(len(sizes)),
             "width": _stats(sizes[:, 0]) if len(sizes) else {},
@@ -384,6 +354,40 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, seed: 
     arrays["meta"] = np.array(json.dumps(meta))
     write_npz_atomic(cache_path, arrays, compress=False)
     return _dataset_from_folder_cache(cache_path, scan, on_error)
+
+
+def _refuse_bad_files(root: Path, bad: dict[Path, str]) -> None:
+    listing = "\n".join(f"  {path.relative_to(root)}: {reason}" for path, reason in sorted(bad.items())[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    raise DataError(
+        f"{len(bad)} unreadable image file(s) in {root}:\n{listing}{more}\n"
+        "Remove or fix them, or leave them out and list them: the notebook parameter skip_bad_files = True, "
+        "`medlab info|audit PATH --skip-bad-files`, or load_dataset(..., on_error='skip')."
+    )
+
+
+def _split_arrays(scan: _FolderScan, entries: list, images: np.ndarray, bad: dict) -> dict[str, np.ndarray]:
+    """Images, labels, ids and file hashes of each split, without the bad files: what the cache holds."""
+    arrays: dict[str, np.ndarray] = {}
+    entry_splits = np.array([split for split, _path, _label in entries])
+    entry_labels = np.array([label for _split, _path, label in entries], dtype=np.int64)
+    entry_ids = np.array([str(path.relative_to(scan.root)) for _split, path, _label in entries])
+    keep = np.array([path not in bad for _split, path, _label in entries], dtype=bool)
+    for split in scan.files:
+        chosen = (entry_splits == split) & keep
+        if not chosen.any():
+            raise DataError(f"{scan.root}: no readable images left in split {split!r}")
+        arrays[f"{split}_images"] = images[chosen]
+        arrays[f"{split}_labels"] = entry_labels[chosen]
+        arrays[f"{split}_ids"] = entry_ids[chosen]
+        arrays[f"{split}_hashes"] = np.array([file_sha256(scan.root / name) for name in entry_ids[chosen]])
+    return arrays
+
+
+def _fingerprint(arrays: dict[str, np.ndarray], splits) -> str:
+    """sha256 of the sorted (file hash, path) lines: the same files give the same fingerprint."""
+    lines = sorted(f"{h}  {i}" for split in splits for h, i in zip(arrays[f"{split}_hashes"], arrays[f"{split}_ids"]))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -437,3 +441,12 @@ def _patient_id(relative_path: str, pattern: str = DEFAULT_PATIENT_PATTERN) -> s
     name = Path(relative_path).name
     match = re.match(pattern, name, flags=re.IGNORECASE)
     return match.group(1).lower() if match else relative_path
+
+
+def matches(spec: str) -> bool:
+    return Path(spec).expanduser().is_dir()
+
+
+def load(spec: str, options) -> Dataset:
+    return load_folder(Path(spec).expanduser(), options.image_size, options.channels, options.seed,
+                       options.validation_fraction, options.on_error, options.progress)

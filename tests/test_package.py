@@ -1,0 +1,65 @@
+"""The package's shape: no import cycle between medlab's modules, at any depth (function-level imports count)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "medlab"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    relative = Path(*name.split("."))
+    return (PACKAGE.parent / relative).with_suffix(".py").exists() or (PACKAGE.parent / relative / "__init__.py").exists()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the medlab modules it imports; ``from package import submodule`` counts as the submodule only."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("medlab")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medlab"):
+                submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+                submodules = {module for module in submodules if _is_module(module)}
+                imported |= submodules or {node.module}
+        graph[name] = imported - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module], _ = "open", stack.append(module)
+        for dependency in sorted(graph.get(module, ())):
+            if state.get(dependency) == "open":
+                return stack[stack.index(dependency):] + [dependency]
+            if dependency not in state and (cycle := visit(dependency)):
+                return cycle
+        state[module], _ = "done", stack.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_inside_medlab():
+    graph = import_graph()
+    assert "medlab.data.folder" in graph and "medlab.data.types" in graph["medlab.data.folder"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
