@@ -309,13 +309,7 @@ def build_transfer_model(input_shape: tuple[int, int, int], num_classes: int,
         if weights != "imagenet":
             raise
         model, size = _assemble(input_shape, num_classes, backbone, None, backbone_size, dropout, width)
-        pretrained = False
-        message = (
-            f"ImageNet weights for {backbone} could not be loaded ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:160]}). The backbone starts FROM RANDOM INITIALISATION and is "
-            "trained from scratch: this is NOT transfer learning. Put the weights file in the Keras cache "
-            "(~/.keras/models/) or pass its path as `weights`."
-        )
+        pretrained, message = False, _no_weights_message(backbone, error)
         warnings.warn(message, stacklevel=2)
     frozen = pretrained if freeze_backbone is None else freeze_backbone
     for layer in backbone_layers(model):
@@ -328,6 +322,15 @@ def build_transfer_model(input_shape: tuple[int, int, int], num_classes: int,
         message += f" Trained from scratch at {size} px" + (f", width {width} (alpha)." if width != 1.0 else ".")
     info = TransferInfo(backbone, weights, pretrained, frozen, size, message, width if not pretrained else 1.0)
     return model, info
+
+
+def _no_weights_message(backbone: str, error: Exception) -> str:
+    return (
+        f"ImageNet weights for {backbone} could not be loaded ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:160]}). The backbone starts FROM RANDOM INITIALISATION and is "
+        "trained from scratch: this is NOT transfer learning. Put the weights file in the Keras cache "
+        "(~/.keras/models/) or pass its path as `weights`."
+    )
 
 
 def _assemble(input_shape, num_classes, backbone, weights, backbone_size, dropout,

@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from medlab import config
+from medlab.html import render
 from medlab.runs import RunFolder, read_json, run_name, write_json
 
 REPORTED_PACKAGES = ("medlab", "tensorflow", "keras", "numpy", "pandas", "scikit-learn",
@@ -134,30 +135,12 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
         declared = papermill.inspect_notebook(str(notebook))
         given = {"dataset": dataset, "run_dir": str(staging.resolve()), **parameters}
         passed = {key: value for key, value in given.items() if key in declared}
-        output = RunFolder(staging).executed_notebook(notebook)
         print(f"[medlab] {notebook.name} on {dataset} ...", flush=True)
         started = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(notebook), str(output), parameters=passed, kernel_name=kernel,
-                progress_bar=progress, log_output=progress, cwd=str(config.NOTEBOOKS_DIR),
-            )
-        except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
-            if output.exists():
-                render_html(output)
-            shutil.rmtree(failed, ignore_errors=True)
-            staging.rename(failed)
-            reason = getattr(error, "ename", type(error).__name__)
-            detail = getattr(error, "evalue", str(error))
-            kept = (f"The previous complete report in {final}/ was left untouched." if final.exists() else
-                    f"No complete report exists for this dataset yet, so {final}/ was not created.")
-            raise ReportError(
-                f"{notebook.name} failed on dataset {dataset!r}: {reason}: {detail}\n"
-                f"The executed notebook, with the error shown, is in {failed}/. {kept}"
-            ) from None
+        _execute(notebook, RunFolder(staging).executed_notebook(notebook), passed, kernel, progress,
+                 dataset, final, failed)
         timings[notebook.stem] = round(time.perf_counter() - started, 2)
         used_parameters[notebook.stem] = {k: v for k, v in passed.items() if k != "run_dir"}
-        render_html(output)
         print(f"[medlab] {notebook.name} done in {timings[notebook.stem]:.1f} s", flush=True)
 
     run = RunFolder(staging)
@@ -168,6 +151,33 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     _swap_into_place(staging, final)
     shutil.rmtree(failed, ignore_errors=True)
     return final
+
+
+def _execute(notebook: Path, output: Path, parameters: dict, kernel: str | None, progress: bool,
+             dataset: str, final: Path, failed: Path) -> None:
+    """Run one notebook with papermill and render its HTML; on failure move the staging run to ``failed``."""
+    import papermill
+
+    staging = output.parent
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(output), parameters=parameters, kernel_name=kernel,
+            progress_bar=progress, log_output=progress, cwd=str(config.NOTEBOOKS_DIR),
+        )
+    except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
+        if output.exists():
+            render_html(output)
+        shutil.rmtree(failed, ignore_errors=True)
+        staging.rename(failed)
+        reason = getattr(error, "ename", type(error).__name__)
+        detail = getattr(error, "evalue", str(error))
+        kept = (f"The previous complete report in {final}/ was left untouched." if final.exists() else
+                f"No complete report exists for this dataset yet, so {final}/ was not created.")
+        raise ReportError(
+            f"{notebook.name} failed on dataset {dataset!r}: {reason}: {detail}\n"
+            f"The executed notebook, with the error shown, is in {failed}/. {kept}"
+        ) from None
+    render_html(output)
 
 
 def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, parameters: dict) -> dict:
@@ -294,63 +304,12 @@ def _swap_into_place(staging: Path, final: Path) -> None:
 
 
 def _index_html(run: RunFolder, metrics: dict) -> str:
-    escape = html.escape
+    """The run's ``index.html`` (template ``templates/index.html.j2``): dataset, headline, notebooks, figures."""
     dataset = metrics.get("dataset") or {}
-    banner = ""
-    if dataset.get("synthetic"):
-        banner = ('<p class="synthetic">SYNTHETIC DATA: every result on this page comes from generated '
-                  "phantoms, not from real patients.</p>")
-    rows = "".join(
-        f"<tr><td>{escape(stem)}</td><td><a href='{escape(stem)}.html'>HTML</a></td>"
-        f"<td><a href='{escape(stem)}.ipynb'>notebook</a></td><td>{seconds:.1f} s</td></tr>"
-        for stem, seconds in metrics["notebook_wall_time_s"].items()
-    )
     counts = dataset.get("counts") or {}
-    count_rows = "".join(
-        f"<tr><td>{escape(split)}</td>" + "".join(f"<td>{n}</td>" for n in counts[split].values()) + "</tr>"
-        for split in ("train", "val", "test") if split in counts
+    return render(
+        "index.html.j2", metrics=metrics, dataset=dataset, format=_format,
+        split_counts=[(split, list(counts[split].values())) for split in ("train", "val", "test") if split in counts],
+        headline=headline_rows(metrics), headline_keys=["model", "pretrained", "threshold", *HEADLINE_METRICS],
+        figures=sorted(run.figures_dir.glob("*.png")),
     )
-    class_header = "".join(f"<th>{escape(c)}</th>" for c in dataset.get("class_names", []))
-    rows_data = headline_rows(metrics)
-    headline = ""
-    if rows_data:
-        keys = ["model", "pretrained", "threshold", *HEADLINE_METRICS]
-        body = "".join(
-            "<tr>" + "".join(
-                f"<td class='{'warn' if key == 'pretrained' and row.get(key) is False else ''}'>"
-                f"{escape(_format(row.get(key, '')))}</td>" for key in keys) + "</tr>"
-            for row in rows_data)
-        headline = ("<h2>Test results at the validation-frozen threshold (95% CI)</h2><table><tr>"
-                    + "".join(f"<th>{escape(k)}</th>" for k in keys) + f"</tr>{body}</table>"
-                    "<p>See <a href='model_card.md'>the model card</a>.</p>")
-    figures = "".join(
-        f"<figure><a href='figures/{escape(p.name)}'><img src='figures/{escape(p.name)}' loading='lazy'></a>"
-        f"<figcaption>{escape(p.stem)}</figcaption></figure>"
-        for p in sorted(run.figures_dir.glob("*.png"))
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medlab report: {escape(metrics['run'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ border: 1px solid #ccc; padding: .3rem .7rem; }}
-.synthetic {{ background: #fde8e8; color: #9b1c1c; font-weight: bold; padding: .6rem; border-radius: 4px; }}
-figure {{ display: inline-block; width: 250px; margin: .4rem; vertical-align: top; }}
-figure img {{ width: 100%; border: 1px solid #ddd; }} figcaption {{ font-size: .8rem; }}
-code {{ background: #f4f4f4; padding: 0 .2rem; }} td.warn {{ background: #fde8e8; color: #9b1c1c; font-weight: bold; }}
-</style></head><body>
-<h1>medlab report: {escape(metrics['run'])}</h1>
-{banner}
-<p>Dataset <code>{escape(str(metrics['dataset_spec']))}</code>
-({escape(str(dataset.get('kind', '?')))}, {escape(str(dataset.get('task', '?')))},
-{escape(' x '.join(map(str, dataset.get('image_size', []))))} px, {dataset.get('channels', '?')} channel(s)),
-sha256 <code>{escape(str(dataset.get('sha256', '?')))}</code>, licence: {escape(str(dataset.get('licence', '?')))}.</p>
-<table><tr><th>split</th>{class_header}</tr>{count_rows}</table>
-{headline}
-<h2>Notebooks</h2>
-<table><tr><th>notebook</th><th>rendered</th><th>executed</th><th>wall time</th></tr>{rows}</table>
-<p>Commit <code>{escape(metrics['git_commit'])}</code>, generated {escape(metrics['generated_at'])};
-machine-readable results in <a href="metrics.json">metrics.json</a>.</p>
-<h2>Figures</h2>
-{figures}
-</body></html>
-"""

@@ -25,6 +25,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 
+from medlab.html import render
 from medlab.predict import Predictor
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -98,9 +99,9 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.replace("{{THRESHOLD}}", "none" if predictor.threshold is None else f"{predictor.threshold:.3f}") \
-            .replace("{{MODEL}}", predictor.model_name).replace("{{RUN}}", predictor.run_dir.name) \
-            .replace("{{SYNTHETIC}}", "block" if predictor.synthetic else "none")
+        threshold = "none" if predictor.threshold is None else f"{predictor.threshold:.3f}"
+        return render("serve.html.j2", run=predictor.run_dir.name, model=predictor.model_name,
+                      threshold=threshold, synthetic=predictor.synthetic)
 
     return app
 
@@ -126,70 +127,3 @@ def run_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000) 
     import uvicorn
 
     uvicorn.run(create_app(predictor), host=host, port=port, log_level="info")
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medlab: try the model</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body { font-family: system-ui, sans-serif; max-width: 760px; margin: 2rem auto; color: #222; padding: 0 1rem; }
-#drop { border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; cursor: pointer; }
-#drop.over { background: #eef5ff; border-color: #36c; }
-.warning { background: #fde8e8; color: #9b1c1c; padding: .5rem; border-radius: 4px; font-weight: bold; }
-.bar { display: flex; align-items: center; margin: .3rem 0; }
-.bar .name { width: 12rem; } .bar .track { flex: 1; background: #eee; height: 1.1rem; border-radius: 3px; }
-.bar .fill { background: #4c72b0; height: 100%; border-radius: 3px; }
-.bar.chosen .name { font-weight: bold; } .bar.chosen .fill { background: #c44e52; }
-.bar .value { width: 4.5rem; text-align: right; font-variant-numeric: tabular-nums; }
-#result { display: none; margin-top: 1.5rem; } #images { display: flex; gap: 1rem; margin-top: 1rem; }
-#images img { width: 220px; border: 1px solid #ccc; }
-#error { color: #b00; font-weight: bold; }
-</style></head><body>
-<h1>medlab: try the model</h1>
-<p class="warning">Not for clinical use.</p>
-<p class="warning" style="display: {{SYNTHETIC}}">This model was trained on SYNTHETIC phantoms, not patients.</p>
-<p>Run <code>{{RUN}}</code>, model <code>{{MODEL}}</code>, decision threshold <b id="threshold">{{THRESHOLD}}</b>
-(chosen on validation data).</p>
-<div id="drop">Drop an image here, or <label><u>pick a file</u>
-<input id="file" type="file" accept="image/*" style="display:none"></label></div>
-<p id="error"></p>
-<div id="result">
-  <h2>Prediction: <span id="predicted"></span></h2>
-  <p id="decision"></p>
-  <div id="bars"></div>
-  <div id="images"><div><div>image</div><img id="preview" alt="uploaded image"></div>
-  <div><div>Grad-CAM</div><img id="gradcam" alt="Grad-CAM overlay"></div></div>
-</div>
-<script>
-const drop = document.getElementById("drop"), input = document.getElementById("file");
-drop.addEventListener("click", () => input.click());
-drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("over"); send(e.dataTransfer.files[0]); });
-input.addEventListener("change", () => send(input.files[0]));
-async function send(file) {
-  if (!file) return;
-  document.getElementById("error").textContent = "";
-  const form = new FormData(); form.append("file", file);
-  const response = await fetch("predict", { method: "POST", body: form });
-  const body = await response.json();
-  if (!response.ok) { document.getElementById("error").textContent = "Error " + response.status + ": " + body.detail;
-                      document.getElementById("result").style.display = "none"; return; }
-  document.getElementById("predicted").textContent = body.predicted_class;
-  document.getElementById("decision").textContent = body.crossed_threshold === null ? "" :
-    (body.crossed_threshold ? "Above" : "Below") + " the threshold of " + body.threshold.toFixed(3) + ".";
-  const bars = document.getElementById("bars"); bars.innerHTML = "";
-  for (const [name, p] of Object.entries(body.probabilities)) {
-    const row = document.createElement("div"); row.className = "bar" + (name === body.predicted_class ? " chosen" : "");
-    row.innerHTML = `<span class="name"></span><span class="track"><div class="fill" style="width:${(100 * p).toFixed(1)}%"></div></span><span class="value">${(100 * p).toFixed(1)}%</span>`;
-    row.querySelector(".name").textContent = name; bars.appendChild(row);
-  }
-  document.getElementById("preview").src = URL.createObjectURL(file);
-  const cam = document.getElementById("gradcam");
-  if (body.gradcam_png) { cam.src = "data:image/png;base64," + body.gradcam_png; cam.parentElement.style.display = ""; }
-  else { cam.parentElement.style.display = "none"; }
-  document.getElementById("result").style.display = "block";
-}
-</script>
-</body></html>
-"""

@@ -6,6 +6,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from medlab import config, reports
 from medlab.reports import ReportError, record, run_name, run_reports
+from medlab.runs import RunFolder
 
 
 def _notebook(path, body):
@@ -133,3 +134,19 @@ def test_a_corrupt_image_stops_the_real_lessons_clearly_and_the_switch_lists_it(
     assert metrics["dataset"]["class_names"] == list(classes)
     assert metrics["records"]["model_scratch_cnn"]["val_auc"] > 0
     assert "broken.jpg" in (final / "01_eda.html").read_text()
+
+
+def test_index_html_escapes_names_from_the_run(tmp_path):
+    """A run, class or figure name with markup is shown as text (the template autoescapes)."""
+    run = RunFolder(tmp_path)
+    run.figures_dir.mkdir(parents=True)
+    (run.figures_dir / "<img src=x onerror=alert(1)>.png").write_bytes(b"")
+    metrics = {"run": "<script>alert('run')</script>", "dataset_spec": "a&b", "git_commit": "abc",
+               "generated_at": "now", "notebook_wall_time_s": {"03_scratch_cnn": 1.5},
+               "dataset": {"synthetic": True, "class_names": ["<b>normal</b>", "tumour"],
+                           "counts": {"train": {"<b>normal</b>": 3, "tumour": 4}}, "image_size": [64, 64]}}
+    page = reports._index_html(run, metrics)
+    assert "<script>" not in page and "&lt;script&gt;alert(&#39;run&#39;)&lt;/script&gt;" in page
+    assert "<b>normal</b>" not in page and "&lt;b&gt;normal&lt;/b&gt;" in page
+    assert "<img src=x" not in page and "a&amp;b" in page
+    assert "SYNTHETIC DATA" in page and "<td>1.5 s</td>" in page and "64 x 64 px" in page

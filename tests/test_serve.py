@@ -194,3 +194,9 @@ def test_four_classes_predict_and_show_four_bars(tiny_run_four_class, tmp_path):
         with serving(predictor) as url:
             predicted, bars, chosen = upload_in_browser(url, dataset.test.images[2], tmp_path)
         assert predicted == body["predicted_class"] and bars == 4 and chosen == 1
+
+
+def test_the_page_escapes_the_model_and_run_names(predictor, monkeypatch):
+    monkeypatch.setattr(predictor, "model_name", "<script>alert(1)</script>")
+    page = TestClient(create_app(predictor)).get("/").text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
