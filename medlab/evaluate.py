@@ -23,7 +23,14 @@ from sklearn.calibration import calibration_curve
 
 from medlab.runs import RunFolder, read_json
 
-METRIC_NAMES = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc")
+# Every metric's name, in one place: lesson 06 computes them; the comparison table, the report's headline,
+# the model card and the bench read these lists.
+METRIC_NAMES = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc")  # test split, with CIs
+WEIGHTED_METRIC_NAMES = ("weighted_recall", "weighted_precision", "weighted_f1")  # multi-class, by class support
+HEADLINE_METRICS = {  # the columns of the report's headline and the bench, per task
+    "binary": ("roc_auc", "recall", "specificity", "precision", "accuracy"),  # at the validation-frozen threshold
+    "multiclass": ("accuracy", "recall", "f1", "roc_auc"),  # argmax decisions; recall, F1, AUC macro-averaged
+}
 
 
 @dataclass
@@ -474,7 +481,7 @@ def comparison_table(results: list[dict]) -> pd.DataFrame:
     for result in results:
         row = {"model": result["model"],
                "threshold": round(result["threshold"], 4) if "threshold" in result else "argmax"}
-        for name in METRIC_NAMES + ("weighted_recall", "weighted_precision", "weighted_f1"):
+        for name in METRIC_NAMES + WEIGHTED_METRIC_NAMES:
             if name not in result["test"]:
                 continue
             value = result["test"][name]

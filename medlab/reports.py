@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from medlab import config
+from medlab.evaluate import HEADLINE_METRICS
 from medlab.html import render
 from medlab.runs import RunFolder, read_json, run_name, write_json
 
@@ -207,7 +208,10 @@ def warn(message: str) -> None:
     print(f"WARNING: {message}")
 
 
-HEADLINE_METRICS = ("roc_auc", "recall", "specificity", "precision", "accuracy")
+def headline_keys(metrics: dict) -> list[str]:
+    """The headline table's columns: model, pretrained, threshold, then the task's :data:`HEADLINE_METRICS`."""
+    task = (metrics.get("dataset") or {}).get("task", "binary")
+    return ["model", "pretrained", "threshold", *HEADLINE_METRICS.get(task, HEADLINE_METRICS["binary"])]
 
 
 def headline_rows(metrics: dict) -> list[dict]:
@@ -216,7 +220,7 @@ def headline_rows(metrics: dict) -> list[dict]:
     rows = []
     for name, result in (evaluation.get("models") or {}).items():
         row = {"model": name, "pretrained": result.get("pretrained"), "threshold": result.get("threshold")}
-        for key in HEADLINE_METRICS:
+        for key in headline_keys(metrics)[3:]:
             if key in result.get("test", {}):
                 low, high = result.get("test_ci95", {}).get(key, (None, None))
                 row[key] = (result["test"][key], low, high)
@@ -254,7 +258,7 @@ def model_card(metrics: dict) -> str:
         "## Models and test results",
     ]
     if rows:
-        header = ["model", "pretrained", "threshold", *HEADLINE_METRICS]
+        header = headline_keys(metrics)
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_format(row.get(key, "")) for key in header) + " |" for row in rows]
         binary = any(row.get("threshold") is not None for row in rows)
@@ -310,6 +314,6 @@ def _index_html(run: RunFolder, metrics: dict) -> str:
     return render(
         "index.html.j2", metrics=metrics, dataset=dataset, format=_format,
         split_counts=[(split, list(counts[split].values())) for split in ("train", "val", "test") if split in counts],
-        headline=headline_rows(metrics), headline_keys=["model", "pretrained", "threshold", *HEADLINE_METRICS],
+        headline=headline_rows(metrics), headline_keys=headline_keys(metrics),
         figures=sorted(run.figures_dir.glob("*.png")),
     )

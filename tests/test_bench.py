@@ -48,7 +48,7 @@ def test_multiclass_summary_and_table():
     def run(seed, accuracy):
         model = {"threshold": None, "test": {"accuracy": accuracy, "recall": accuracy - 0.01, "f1": accuracy - 0.02,
                                              "roc_auc": 0.99}}
-        return {"seed": seed, "wall_time_s": 1500.0, "metrics": {"records": {
+        return {"seed": seed, "wall_time_s": 1500.0, "metrics": {"dataset": {"task": "multiclass"}, "records": {
             "evaluation": {"models": {"scratch_cnn": model}, "test_deduplication": {
                 "test_images": 1311, "with_copy_in_train_or_val": 217, "headline": "deduplicated",
                 "full_test": {"scratch_cnn": {"accuracy": accuracy - 0.005}}}},

@@ -150,3 +150,14 @@ def test_index_html_escapes_names_from_the_run(tmp_path):
     assert "<b>normal</b>" not in page and "&lt;b&gt;normal&lt;/b&gt;" in page
     assert "<img src=x" not in page and "a&amp;b" in page
     assert "SYNTHETIC DATA" in page and "<td>1.5 s</td>" in page and "64 x 64 px" in page
+
+
+def test_headline_columns_follow_the_task():
+    from medlab.evaluate import HEADLINE_METRICS
+
+    result = {"test": {"accuracy": 0.9, "recall": 0.8, "f1": 0.85, "roc_auc": 0.97}, "test_ci95": {}}
+    metrics = {"dataset": {"task": "multiclass"}, "records": {"evaluation": {"models": {"cnn": result}}}}
+    assert reports.headline_keys(metrics)[3:] == list(HEADLINE_METRICS["multiclass"])
+    (row,) = reports.headline_rows(metrics)
+    assert row["f1"] == (0.85, None, None) and "specificity" not in row
+    assert "specificity" in reports.headline_keys({"dataset": {"task": "binary"}})
