@@ -34,6 +34,7 @@ SMOKE_PARAMETERS = {
     "gallery_size": 4,
     "representative_images": 16,
     "latency_repeats": 3,
+    "solution_epochs": 1,  # the worked solutions that train run too, so they cannot rot
 }
 
 

@@ -21,6 +21,7 @@ REQUIRED = {
     "03_scratch_cnn": ["keras.layers.Conv2D", "keras.layers.BatchNormalization", "keras.layers.MaxPooling2D",
                        "keras.layers.GlobalAveragePooling2D", "keras.Model("],
     "04_transfer_learning": ["base.trainable = False", "keras.applications.MobileNetV2", "keras.layers.Dense"],
+    "05_fine_tuning": ["layer.trainable = False", "keras.layers.BatchNormalization", "layer.trainable = True"],
     "06_evaluation": ["tf.GradientTape", "tape.gradient", "tf.reduce_mean", "tf.nn.relu"],
     "07_tflite": ["TFLiteConverter.from_saved_model", "Interpreter(", ".invoke()"],
 }
@@ -39,6 +40,25 @@ def technique(lesson: str) -> dict:
         exec(compile(source, f"{lesson}.ipynb[technique]", "exec"), namespace)
     namespace["__source__"] = "\n".join(sources)
     return namespace
+
+
+@pytest.mark.parametrize("notebook", sorted(config.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_challenge_has_a_worked_solution_cell(notebook):
+    """A collapsed code cell tagged ``solution`` follows the challenge; nbval (``make test``) executes it."""
+    cells = json.loads(notebook.read_text())["cells"]
+    challenges = [index for index, cell in enumerate(cells)
+                  if cell["cell_type"] == "markdown" and "**Challenge.**" in "".join(cell["source"])]
+    assert len(challenges) == 1, f"{notebook.name}: expected one challenge, found {len(challenges)}"
+    solutions = [cell for cell in cells[challenges[0] + 1:]
+                 if cell["cell_type"] == "code" and "solution" in cell["metadata"].get("tags", [])]
+    assert solutions, f"{notebook.name}: no code cell tagged 'solution' after the challenge"
+    assert all(cell["metadata"].get("jupyter", {}).get("source_hidden") for cell in solutions), \
+        f"{notebook.name}: solution cells are collapsed (source_hidden) so a student tries first"
+    declared = "".join("".join(cell["source"]) for cell in cells if "parameters" in cell["metadata"].get("tags", []))
+    if "solution_epochs" in "".join("".join(cell["source"]) for cell in solutions):
+        from medlab.smoke import SMOKE_PARAMETERS
+
+        assert "solution_epochs: int = " in declared and SMOKE_PARAMETERS["solution_epochs"] > 0
 
 
 @pytest.mark.parametrize("lesson", sorted(REQUIRED))
@@ -87,6 +107,20 @@ def test_transfer_written_out_is_build_transfer_model():
     ours.set_weights(reference.get_weights())
     batch = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
     np.testing.assert_allclose(ours(batch, training=False), reference(batch, training=False), atol=1e-4)
+
+
+def test_unfreeze_written_out_is_unfreeze_top_layers():
+    from medlab.models import backbone_layers, build_transfer_model, unfreeze_top_layers
+
+    written_out = technique("05_fine_tuning")["unfreeze_written_out"]
+    ours, _ = build_transfer_model((32, 32, 1), 2, weights=None, freeze_backbone=True)
+    reference, _ = build_transfer_model((32, 32, 1), 2, weights=None, freeze_backbone=True)
+    for count in (0, 30, 100, 10_000):
+        assert written_out(backbone_layers(ours), count) == unfreeze_top_layers(reference, count)
+        assert [layer.trainable for layer in ours.layers] == [layer.trainable for layer in reference.layers]
+        assert ours.count_params() == reference.count_params()
+    bn = [layer for layer in backbone_layers(ours) if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and not any(layer.trainable for layer in bn)
 
 
 @pytest.mark.parametrize("classes", [2, 4])
