@@ -159,10 +159,13 @@ class LiteModel:
             raise FileNotFoundError(f"{sidecar} is missing: a .tflite file needs its metadata to be used safely")
         return cls(path, json.loads(sidecar.read_text()))
 
-    def _interpreter(self, batch: int):
-        from ai_edge_litert.interpreter import Interpreter
+    def _interpreter(self, batch: int, xnnpack: bool = True):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        interpreter = Interpreter(model_path=str(self.path))
+        # LiteRT applies the XNNPACK delegate (fast float and int8 CPU kernels) by default; without it every op
+        # runs TFLite's built-in kernels, which is how to see what the delegate is worth.
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        interpreter = Interpreter(model_path=str(self.path), experimental_op_resolver_type=resolver)
         input_index = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(input_index, [batch, *self.input_shape])
         interpreter.allocate_tensors()
@@ -221,9 +224,12 @@ class LiteModel:
         return {"input": describe(interpreter.get_input_details()[0]),
                 "output": describe(interpreter.get_output_details()[0])}
 
-    def median_latency_ms(self, image: np.ndarray, repeats: int = 50) -> float:
-        """Median wall time of one single-image inference on this CPU (after a warm-up)."""
-        interpreter = self._interpreter(1)
+    def median_latency_ms(self, image: np.ndarray, repeats: int = 50, xnnpack: bool = True) -> float:
+        """Median wall time of one single-image inference on this CPU (after a warm-up).
+
+        ``xnnpack=False`` runs TFLite's built-in kernels instead of the XNNPACK delegate.
+        """
+        interpreter = self._interpreter(1, xnnpack)
         detail = interpreter.get_input_details()[0]
         tensor = self._quantize(np.asarray(image, dtype=np.float32)[None], detail)
         interpreter.set_tensor(detail["index"], tensor)
@@ -235,6 +241,34 @@ class LiteModel:
             interpreter.invoke()
             times.append((time.perf_counter() - started) * 1000.0)
         return statistics.median(times)
+
+
+def cpu_int8_features() -> list[str] | None:
+    """The int8 dot-product instruction sets this CPU reports (Linux), e.g. ``["avx512_vnni"]``; None if unknown.
+
+    XNNPACK's int8 kernels multiply four int8 pairs per instruction with VNNI
+    (Intel Cascade Lake and later, AMD Zen 4) or ARM's dot-product
+    instructions; without them int8 convolutions need extra widening steps and
+    can be slower than float32.
+    """
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+
+def latency_table(lite_models: dict[str, LiteModel], image: np.ndarray, repeats: int = 50):
+    """Per variant: median single-image latency with XNNPACK (LiteRT's default) and with built-in kernels only."""
+    import pandas as pd
+
+    rows = {name: {"XNNPACK (default), ms": lite.median_latency_ms(image, repeats),
+                   "built-in kernels, ms": lite.median_latency_ms(image, repeats, xnnpack=False)}
+            for name, lite in lite_models.items()}
+    table = pd.DataFrame(rows).T
+    if "float32" in table.index:
+        table["vs float32 with XNNPACK"] = table["XNNPACK (default), ms"] / table.loc["float32", "XNNPACK (default), ms"]
+    return table
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, threshold: float | None,

@@ -151,3 +151,26 @@ def test_logit_model_of_an_averaged_model(trained):
     assert activation == "sigmoid"
     raw = logits.predict(data.test.images.astype("float32"), verbose=0)[:, 0]
     np.testing.assert_allclose(1 / (1 + np.exp(-raw)), predict(model, data.test), atol=1e-5)
+
+
+def test_builtin_kernels_give_the_same_outputs_and_a_latency_table(trained, exported):
+    """Without the XNNPACK delegate the same file gives the same numbers (only speed may differ)."""
+    from medlab.export import cpu_int8_features, latency_table
+
+    _model, data = trained
+    for variant in ("float32", "int8"):
+        lite = exported[variant]
+        batch = lite._quantize(data.test.images[:4].astype(np.float32), lite._interpreter(4).get_input_details()[0])
+        outputs = []
+        for xnnpack in (True, False):
+            interpreter = lite._interpreter(4, xnnpack)
+            detail = interpreter.get_input_details()[0]
+            interpreter.set_tensor(detail["index"], batch)
+            interpreter.invoke()
+            outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(float))
+        np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4 if variant == "float32" else 1.0)
+    table = latency_table({"float32": exported["float32"], "int8": exported["int8"]}, data.test.images[0], repeats=3)
+    assert list(table.index) == ["float32", "int8"] and (table.iloc[:, :2] > 0).all().all()
+    assert table.loc["float32", "vs float32 with XNNPACK"] == pytest.approx(1.0)
+    features = cpu_int8_features()
+    assert features is None or isinstance(features, list)
