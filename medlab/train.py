@@ -304,10 +304,10 @@ def member_seeds(seed: int, members: int) -> list[int]:
 def default_members(image_shape: tuple[int, ...]) -> int:
     """How many scratch CNNs lesson 03 averages when not told: 3 for images up to 32 px, else 1.
 
-    A 28 px model trains in about a minute on two CPU cores, so three fit in
-    the time one 64 px model takes. On PneumoniaMNIST (``make bench``, three
-    seeds) three members with patience 10 raised test accuracy at 0.5 from
-    0.913 to 0.924 and ROC-AUC from 0.977 to 0.981 over one member with patience 6.
+    A 28 px model trains in a few minutes on two CPU cores, so three fit in
+    the time one 64 px model takes; on PneumoniaMNIST the average of three was
+    more accurate than one member (``make bench`` prints the figures; the
+    README's Results quote them with their commit).
     """
     return 3 if max(image_shape[:2]) <= 32 else 1
 
