@@ -19,7 +19,8 @@ from medlab import config
 REQUIRED = {
     "02_augmentation": ["keras.layers.RandomRotation", "keras.layers.RandomContrast"],
     "03_scratch_cnn": ["keras.layers.Conv2D", "keras.layers.BatchNormalization", "keras.layers.MaxPooling2D",
-                       "keras.layers.GlobalAveragePooling2D", "keras.Model("],
+                       "keras.layers.GlobalAveragePooling2D", "keras.Model(", "model.fit(",
+                       "keras.callbacks.ModelCheckpoint", "keras.callbacks.EarlyStopping"],
     "04_transfer_learning": ["base.trainable = False", "keras.applications.MobileNetV2", "keras.layers.Dense"],
     "05_fine_tuning": ["layer.trainable = False", "keras.layers.BatchNormalization", "layer.trainable = True"],
     "06_evaluation": ["tf.GradientTape", "tape.gradient", "tf.reduce_mean", "tf.nn.relu"],
@@ -93,6 +94,30 @@ def test_scratch_cnn_written_out_is_build_scratch_cnn(classes, side, stride):
     ours.set_weights(reference.get_weights())
     batch = images[:8].astype("float32")
     np.testing.assert_allclose(ours(batch, training=False), reference(batch, training=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_fit_written_out_trains_like_train_model(tmp_path, schedule):
+    from medlab import data as medlab_data
+    from medlab import train
+    from medlab.models import build_scratch_cnn
+    from medlab.runs import ModelFolder
+
+    lesson = technique("03_scratch_cnn")
+    lesson.update(make_tf_dataset=medlab_data.make_tf_dataset, PreciseBatchNorm=train.PreciseBatchNorm,
+                  cosine_learning_rate=train.cosine_learning_rate)
+    dataset = medlab_data.load_dataset("synthetic", image_size=16, max_images_per_split=48, seed=0, progress=False)
+    cfg = train.TrainConfig(max_epochs=2, batch_size=16, schedule=schedule, seed=0)
+    weights = []
+    for name, fit in (("written_out", lesson["fit_written_out"]), ("medlab", train.train_model)):
+        train.set_determinism(0)
+        model = train.compile_model(build_scratch_cnn((16, 16, 1), 2, dataset.train.images, filters=(4, 8),
+                                                      dense_units=4), 2)
+        fit(model, dataset, ModelFolder(tmp_path / name).create(), cfg, None, verbose=0)
+        weights.append(model.get_weights())
+    assert any(not np.allclose(w, 0) for w in weights[0])
+    for ours, theirs in zip(*weights):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_transfer_written_out_is_build_transfer_model():
