@@ -165,6 +165,7 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
         metrics = read_json(RunFolder(folder).metrics)
         runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})
     result = {"dataset": dataset, "seeds": seeds, "runs": runs, "summary": summarise_runs(runs),
+              "gpus": sorted({gpu for run in runs for gpu in run["metrics"].get("machine", {}).get("gpus", [])}),
               "data_pipeline": data_benchmark(data_images)}
     if speed:
         from medlab.speed import speed_benchmark
@@ -231,7 +232,9 @@ def markdown_table(result: dict) -> str:
     if Path(dataset).is_absolute():  # a table for the README: no one machine's paths
         dataset = os.path.relpath(dataset, config.PROJECT_ROOT)
     lines = [f"Dataset: `{dataset}`, {result['seeds']} seed(s), "
-             f"{result['data_pipeline']['cpu_count']} CPU core(s), no GPU.", ""]
+             f"{result['data_pipeline']['cpu_count']} CPU core(s), "
+             + ("GPU not recorded" if "gpus" not in result else
+                f"GPU: {', '.join(result['gpus'])}" if result["gpus"] else "no GPU used") + ".", ""]
     models = {name: values for name, values in summary.items() if not name.startswith("_")}
     binary = {name: values for name, values in models.items() if "test_auc" in values}
     if binary:

@@ -118,8 +118,8 @@ def _output_layer(x, num_classes: int):
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if num_classes == 2:
-        return layers.Dense(1, activation="sigmoid", name=f"{HEAD_PREFIX}output")(x)
-    return layers.Dense(num_classes, activation="softmax", name=f"{HEAD_PREFIX}output")(x)
+        return layers.Dense(1, activation="sigmoid", dtype="float32", name=f"{HEAD_PREFIX}output")(x)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name=f"{HEAD_PREFIX}output")(x)
 
 
 def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
@@ -239,7 +239,7 @@ def average_models(members: list[keras.Model], name: str = "ensemble") -> keras.
     if len(activations) != 1 or len({tuple(x.shape) for x in logits}) != 1:
         raise ValueError("members must have the same outputs")
     averaged = layers.Average(name="average_logits")(logits)
-    outputs = layers.Activation(activations.pop(), name=f"{HEAD_PREFIX}output")(averaged)
+    outputs = layers.Activation(activations.pop(), dtype="float32", name=f"{HEAD_PREFIX}output")(averaged)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -194,9 +194,20 @@ def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, par
         "git_commit": git_commit(),
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "cpu_count": config.cpu_count()},
+                    "cpu_count": config.cpu_count(), **training_devices(records)},
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def training_devices(records: dict) -> dict:
+    """The GPUs and precision policies the run's models really trained with (from their ``training.json``)."""
+    gpus, precisions = set(), set()
+    for record in records.values():
+        devices = (record.get("training") or {}).get("devices") if isinstance(record, dict) else None
+        if devices:
+            gpus.update(devices.get("gpus", []))
+            precisions.add(devices.get("precision", "float32"))
+    return {"gpus": sorted(gpus), "training_precision": sorted(precisions)}
 
 
 def warn(message: str) -> None:

@@ -34,6 +34,24 @@ def set_determinism(seed: int = config.DEFAULT_SEED) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def devices_used() -> dict:
+    """The devices TensorFlow trains on here, as recorded in ``training.json`` and ``metrics.json``."""
+    return {"gpus": [device.name for device in tf.config.list_logical_devices("GPU")],
+            "cpu_count": config.cpu_count(), "precision": keras.mixed_precision.global_policy().name}
+
+
+def set_mixed_precision(requested: bool) -> str:
+    """Mixed precision (float16 compute, float32 weights) when requested and a GPU is present, else float32.
+
+    On a CPU float16 arithmetic is emulated and slower, so the request is
+    ignored there. Call before building the model; the models' output layers
+    stay float32 either way. Returns the Keras policy now in force.
+    """
+    policy = "mixed_float16" if requested and tf.config.list_logical_devices("GPU") else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
 def get_strategy(kind: str = "auto") -> tf.distribute.Strategy:
     """The distribution strategy to build and train the model under.
 
@@ -224,6 +242,7 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
         f"best_{monitor}": float(table.loc[best_epoch, monitor]),
         "train_seconds": round(seconds, 1),
         "parameters": int(model.count_params()),
+        "devices": devices_used(),
     }
     write_json(folder.training, summary)
     return table
@@ -350,6 +369,7 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
             "epochs_run": sum(member["epochs_run"] for member in summaries),
             "train_seconds": round(sum(member["train_seconds"] for member in summaries), 1),
             "parameters": sum(member["parameters"] for member in summaries),
+            "devices": summaries[0].get("devices"),
         }
         write_json(folder.training, summary)
     return pd.concat(histories)

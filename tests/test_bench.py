@@ -59,9 +59,11 @@ def test_multiclass_summary_and_table():
     assert summary["scratch_cnn"]["macro_f1"]["mean"] == pytest.approx(0.94)
     assert summary["scratch_cnn"]["full_test_accuracy"]["mean"] == pytest.approx(0.955)
     assert "test_auc" not in summary["scratch_cnn"]
-    table = markdown_table({"dataset": "/data/brain_tumor_mri", "seeds": 2, "summary": summary, "data_pipeline": {
+    table = markdown_table({"dataset": "/data/brain_tumor_mri", "seeds": 2, "summary": summary, "gpus": [],
+                            "data_pipeline": {
         "cpu_count": 2, "images": 10, "source_size": 32, "image_size": 16, "first_pass_vs_loop": 0.5,
         "cached_epoch_vs_loop": 30.0}})
+    assert "2 CPU core(s), no GPU used." in table
     assert "217 of 1311 test images with an exact copy in train or val left out" in table
     assert "| scratch_cnn | 0.960 ± 0.014 | 0.950 ± 0.014 | 0.940 ± 0.014 | 0.990 ± 0.000 | 0.955 ± 0.014 | 600 ± 0 |" \
         in table

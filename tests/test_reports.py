@@ -161,3 +161,12 @@ def test_headline_columns_follow_the_task():
     (row,) = reports.headline_rows(metrics)
     assert row["f1"] == (0.85, None, None) and "specificity" not in row
     assert "specificity" in reports.headline_keys({"dataset": {"task": "binary"}})
+
+
+def test_training_devices_come_from_the_models_records():
+    records = {"model_a": {"training": {"devices": {"gpus": ["/device:GPU:0"], "precision": "mixed_float16"}}},
+               "model_b": {"training": {"devices": {"gpus": [], "precision": "float32"}}},
+               "audit": {"duplicate_groups": 3}}
+    assert reports.training_devices(records) == {"gpus": ["/device:GPU:0"],
+                                                 "training_precision": ["float32", "mixed_float16"]}
+    assert reports.training_devices({}) == {"gpus": [], "training_precision": []}

@@ -206,3 +206,26 @@ def test_frozen_head_trains_on_cached_features_and_saves_one_model(tiny, tmp_pat
     with pytest.raises(ValueError, match="frozen backbone"):
         unfrozen, _ = build_transfer_model((32, 32, 1), 2, weights=None, backbone_size=32)
         train_frozen_head(unfrozen, tiny, tmp_path / "x", TrainConfig(max_epochs=1))
+
+
+def test_mixed_precision_is_float32_on_a_cpu_and_outputs_stay_float32():
+    import tensorflow as tf
+
+    from medlab.models import build_scratch_cnn
+    from medlab.train import compile_model, devices_used, set_mixed_precision
+
+    assert not tf.config.list_logical_devices("GPU")  # these machines have none
+    images = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 1)).astype("uint8")
+    labels = np.arange(16) % 2
+    try:
+        assert set_mixed_precision(True) == "float32"  # requested, but no GPU: float32
+        assert devices_used()["gpus"] == [] and devices_used()["precision"] == "float32"
+        model = compile_model(build_scratch_cnn((16, 16, 1), 2, images, filters=(4,), dense_units=4), 2)
+        model.fit(images.astype("float32"), labels.astype("float32"), epochs=1, verbose=0)
+        assert all(weight.dtype == "float32" for weight in model.trainable_weights)
+        keras.mixed_precision.set_global_policy("mixed_float16")  # what a GPU machine gets
+        mixed = build_scratch_cnn((16, 16, 1), 4, images, filters=(4,), dense_units=4)
+        assert mixed.get_layer("block1_conv").compute_dtype == "float16"
+        assert mixed(images[:2].astype("float32")).dtype == "float32"  # the softmax stays float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
