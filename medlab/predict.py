@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medlab.data import dicom
 from medlab.data.folder import (
     IMAGE_SUFFIXES,
     TF_DECODABLE,
@@ -169,8 +170,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not p.name.startswith("."))
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and (p.suffix.lower() in IMAGE_SUFFIXES or dicom.is_dicom(p)))
         elif any(character in item for character in "*?[") and not path.exists():
             paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:

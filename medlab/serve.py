@@ -45,6 +45,8 @@ def _check_image(content: bytes) -> str:
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    if content[128:132] == b"DICM":  # DICOM Part 10: medlab.data.dicom checks and decodes it
+        return "DICOM"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,7 +56,8 @@ def _check_image(content: bytes) -> str:
     except UnidentifiedImageError:
         if _looks_like_an_image(content):
             raise HTTPException(422, "corrupt image: it starts like an image file but cannot be read") from None
-        raise HTTPException(415, "not an image file that medlab can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from None
+        raise HTTPException(415, "not an image file that medlab can read (PNG, JPEG, BMP, GIF, TIFF, WebP, DICOM)") \
+            from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise HTTPException(422, f"image too large to decode safely: {error}") from None
     except (OSError, ValueError, SyntaxError) as error:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medlab import config
+from medlab.data import dicom
 from medlab.data.splitting import carve_validation
 from medlab.data.types import SPLITS, DataError, Dataset, DatasetInfo, Split
 from medlab.npzio import file_sha256, write_npz_atomic
@@ -33,7 +34,7 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test",
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm"}  # + DICOM by content
 # (format, mode) pairs that tf.io.decode_image decodes correctly; the rest go through Pillow.
 TF_DECODABLE = {
     "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B"},
@@ -42,7 +43,7 @@ TF_DECODABLE = {
 _GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 # File names that carry a patient identifier, e.g. Kaggle's person123_bacteria_456.jpeg.
 DEFAULT_PATIENT_PATTERN = r"^(person\d+|patient[_-]?\d+)"
-_CACHE_VERSION = 2  # 2: grayscale pictures saved as RGB are read as one channel
+_CACHE_VERSION = 3  # 2: grayscale pictures saved as RGB are read as one channel; 3: DICOM patient ids
 
 
 # --------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _class_images(root: Path, class_dir: Path, ignored: list[str]) -> list[Path]
         if not file.is_file():
             continue
         hidden = any(part.startswith(".") for part in file.relative_to(class_dir).parts)
-        if hidden or file.suffix.lower() not in IMAGE_SUFFIXES:
+        if hidden or (file.suffix.lower() not in IMAGE_SUFFIXES and not dicom.is_dicom(file)):
             ignored.append(str(file.relative_to(root)))  # hidden files and folders (.ipynb_checkpoints/) never count
             continue
         images.append(file)
@@ -168,6 +169,8 @@ def read_header(path: Path) -> tuple[str, str, tuple[int, int]] | str:
 
     if path.stat().st_size == 0:
         return "zero-byte file"
+    if dicom.is_dicom(path):
+        return dicom.read_header(path)
     try:
         with Image.open(path) as image:
             return image.format or "", image.mode, image.size
@@ -176,10 +179,15 @@ def read_header(path: Path) -> tuple[str, str, tuple[int, int]] | str:
 
 
 def _pil_decode(path: bytes, channels: int) -> np.ndarray:
-    """Decode any Pillow-readable image to uint8 (H, W, channels); used inside tf.data."""
+    """Decode any Pillow-readable image (or DICOM file) to uint8 (H, W, channels); used inside tf.data."""
     from PIL import Image
 
-    with Image.open(path.decode()) as image:
+    path = path if isinstance(path, (bytes, str)) else np.asarray(path).item()  # graph: bytes, eager: an array
+    path = path.decode() if isinstance(path, bytes) else path
+    channels = int(channels)
+    if dicom.is_dicom(Path(path)):
+        return dicom.pixels(path, channels)
+    with Image.open(path) as image:
         image.load()
         if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
             array = np.asarray(image, dtype=np.float64)
@@ -381,6 +389,10 @@ def _split_arrays(scan: _FolderScan, entries: list, images: np.ndarray, bad: dic
         arrays[f"{split}_labels"] = entry_labels[chosen]
         arrays[f"{split}_ids"] = entry_ids[chosen]
         arrays[f"{split}_hashes"] = np.array([file_sha256(scan.root / name) for name in entry_ids[chosen]])
+        # DICOM files name their patient in the header; other files may carry one in their name.
+        arrays[f"{split}_patients"] = np.array([
+            dicom.patient_id(scan.root / name) if dicom.is_dicom(scan.root / name) else ""
+            for name in entry_ids[chosen]])
     return arrays
 
 
@@ -397,6 +409,12 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 def _decode_error(path: Path) -> str:
     from PIL import Image
 
+    if dicom.is_dicom(path):
+        try:
+            dicom.pixels(path, 1)
+        except Exception as error:  # the message is the point here
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
     try:
         with Image.open(path) as image:
             image.load()
@@ -411,6 +429,7 @@ def _dataset_from_folder_cache(cache_path: Path, scan: _FolderScan, on_error: st
         if meta["skipped"] and on_error == "raise":
             raise DataError("cached scan has skipped files but on_error='raise'")  # rebuild to report
         splits = {}
+        archive_patients = {split: archive[f"{split}_patients"] for split in scan.files}
         for split in scan.files:
             splits[split] = Split(
                 images=archive[f"{split}_images"], labels=archive[f"{split}_labels"],
@@ -419,7 +438,8 @@ def _dataset_from_folder_cache(cache_path: Path, scan: _FolderScan, on_error: st
             )
     notes = list(meta["notes"])
     if "val" not in splits:
-        patients = [_patient_id(name) for name in splits["train"].ids]
+        header_ids = [str(p) for p in archive_patients["train"]]
+        patients = [header_id or _patient_id(name) for header_id, name in zip(header_ids, splits["train"].ids)]
         splits["train"], splits["val"], note = carve_validation(
             splits["train"], meta["validation_fraction"], meta["seed"], patients)
         notes.append(note)
