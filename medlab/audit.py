@@ -54,6 +54,22 @@ def find_duplicates(dataset: Dataset) -> pd.DataFrame:
     return table.sort_values(["scope", "members"], ignore_index=True)
 
 
+def patients_across_splits(dataset: Dataset) -> pd.DataFrame:
+    """Patients whose images sit in more than one of the given splits (ids from DICOM headers or file names).
+
+    One row per patient: ``splits`` ("train / test") and ``images``. Empty when
+    the source names no patients, or when every patient stays in one split.
+    """
+    where = defaultdict(lambda: defaultdict(int))
+    for split in SPLITS:
+        for patient in dataset.splits[split].patients or []:
+            if patient:
+                where[patient][split] += 1
+    rows = [{"patient": patient, "splits": " / ".join(sorted(counts, key=SPLITS.index)),
+             "images": sum(counts.values())} for patient, counts in where.items() if len(counts) > 1]
+    return pd.DataFrame(rows, columns=["patient", "splits", "images"]).sort_values("patient", ignore_index=True)
+
+
 def duplicate_summary(duplicates: pd.DataFrame) -> pd.DataFrame:
     """Counts per scope: duplicate groups, images involved, groups with conflicting labels."""
     if duplicates.empty:

@@ -151,6 +151,7 @@ def _audit(arguments) -> int:
         find_duplicates,
         find_near_duplicates,
         near_duplicate_summary,
+        patients_across_splits,
     )
     from medlab.data import load_dataset
 
@@ -168,6 +169,10 @@ def _audit(arguments) -> int:
     if len(near):
         print()
         print(near.to_string(index=False, max_colwidth=60))
+    shared = patients_across_splits(dataset)
+    known = any(patient for split in dataset.splits.values() for patient in split.patients or [])
+    print("\npatients in more than one split:", "file names and headers name no patients" if not known else
+          "none" if shared.empty else f"{len(shared)}\n" + shared.to_string(index=False))
     return 0
 
 

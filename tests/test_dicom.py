@@ -139,3 +139,18 @@ def test_predict_and_the_web_page_accept_dicom(tiny_run, tmp_path):
     refused = TestClient(create_app(predictor)).post(
         "/predict", files={"file": ("plan.dcm", (TEST_FILES / "rtplan.dcm").read_bytes(), "application/dicom")})
     assert refused.status_code == 422 and "DICOM file without an image" in refused.json()["detail"]
+
+
+def test_the_audit_finds_a_patient_in_two_splits(mixed_tree, capsys):
+    from medlab import cli
+    from medlab.audit import patients_across_splits
+
+    _dicom_copy(TEST_FILES / "MR_small.dcm", mixed_tree / "test" / "mr" / "again.dcm", "train-P4", 99)
+    data = load_dataset(mixed_tree, image_size=32, seed=0, progress=False)
+    shared = patients_across_splits(data)
+    assert shared.to_dict("records") in (
+        [{"patient": "train-P4", "splits": "train / test", "images": 3}],
+        [{"patient": "train-P4", "splits": "val / test", "images": 3}],
+    )
+    assert cli.main(["audit", str(mixed_tree)]) == 0
+    assert "patients in more than one split: 1" in capsys.readouterr().out

@@ -429,17 +429,17 @@ def _dataset_from_folder_cache(cache_path: Path, scan: _FolderScan, on_error: st
         if meta["skipped"] and on_error == "raise":
             raise DataError("cached scan has skipped files but on_error='raise'")  # rebuild to report
         splits = {}
-        archive_patients = {split: archive[f"{split}_patients"] for split in scan.files}
         for split in scan.files:
+            ids = [str(i) for i in archive[f"{split}_ids"]]
             splits[split] = Split(
-                images=archive[f"{split}_images"], labels=archive[f"{split}_labels"],
-                ids=[str(i) for i in archive[f"{split}_ids"]],
+                images=archive[f"{split}_images"], labels=archive[f"{split}_labels"], ids=ids,
                 hashes=[str(h) for h in archive[f"{split}_hashes"]],
+                patients=[str(header_id) or _patient_id(name)
+                          for header_id, name in zip(archive[f"{split}_patients"], ids)],
             )
     notes = list(meta["notes"])
     if "val" not in splits:
-        header_ids = [str(p) for p in archive_patients["train"]]
-        patients = [header_id or _patient_id(name) for header_id, name in zip(header_ids, splits["train"].ids)]
+        patients = [patient or name for patient, name in zip(splits["train"].patients, splits["train"].ids)]
         splits["train"], splits["val"], note = carve_validation(
             splits["train"], meta["validation_fraction"], meta["seed"], patients)
         notes.append(note)
@@ -458,9 +458,10 @@ def _dataset_from_folder_cache(cache_path: Path, scan: _FolderScan, on_error: st
 
 
 def _patient_id(relative_path: str, pattern: str = DEFAULT_PATIENT_PATTERN) -> str:
+    """The patient id a file name carries (``person123_...``), or '' when it carries none."""
     name = Path(relative_path).name
     match = re.match(pattern, name, flags=re.IGNORECASE)
-    return match.group(1).lower() if match else relative_path
+    return match.group(1).lower() if match else ""
 
 
 def matches(spec: str) -> bool:

@@ -59,7 +59,7 @@ def carve_validation(train: Split, fraction: float, seed: int, patient_ids: list
         f"no validation split in the source: {len(val_index)} of {len(train)} training images "
         f"(about {fraction:.0%}, stratified, seed {seed}) moved to 'val'; "
         + (f"grouped by patient ({patients} patients) so none is in two splits"
-           if patients < len(train) else "file names carry no patient id, so this split is NOT grouped by patient")
+           if patients < len(train) else "neither file names nor headers name a patient, so this split is NOT grouped by patient")
         + (f"; {copies} exact copies kept in the split of their original" if copies else "")
     )
     return train.take(np.sort(train_index)), train.take(np.sort(val_index)), note

@@ -21,7 +21,8 @@ class Split:
 
     ``ids`` name each image (a file path relative to the dataset root, or
     ``"train[12]"`` for array data); ``hashes`` are content hashes used by the
-    duplicate audit; ``masks`` are lesion masks when the source has them.
+    duplicate audit; ``masks`` are lesion masks when the source has them; ``patients``
+    name each image's patient where the source says (DICOM headers, file names).
     """
 
     images: np.ndarray
@@ -29,6 +30,7 @@ class Split:
     ids: list[str]
     hashes: list[str]
     masks: np.ndarray | None = None
+    patients: list[str] | None = None  # patient id per image ('' unknown): DICOM headers or file names
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -41,6 +43,7 @@ class Split:
             ids=[self.ids[i] for i in indices],
             hashes=[self.hashes[i] for i in indices],
             masks=None if self.masks is None else self.masks[indices],
+            patients=None if self.patients is None else [self.patients[i] for i in indices],
         )
 
 
