@@ -326,5 +326,7 @@ def _index_html(run: RunFolder, metrics: dict) -> str:
         "index.html.j2", metrics=metrics, dataset=dataset, format=_format,
         split_counts=[(split, list(counts[split].values())) for split in ("train", "val", "test") if split in counts],
         headline=headline_rows(metrics), headline_keys=headline_keys(metrics),
-        figures=sorted(run.figures_dir.glob("*.png")),
+        figures=[{"link": path.relative_to(run.root).as_posix(), "caption": path.stem}
+                 for path in sorted(run.figures_dir.glob("*.png"))],
+        links={"metrics": run.metrics.name, "model_card": run.model_card.name},
     )

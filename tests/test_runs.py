@@ -59,13 +59,21 @@ def _code_strings(path: Path) -> list[str]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "runs.py"))
+@pytest.mark.parametrize("module", sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                                          if p.name != "runs.py"))
 def test_no_other_module_spells_the_run_folder(module):
     strings = _code_strings(PACKAGE / module)
     spelled = sorted({name for text in strings for name in FILE_NAMES
                       if name == text or (text.startswith(name) and name.endswith("_")) or f"/{name}" in text
                       or text.endswith(name) and "." in name})
     assert spelled == [], f"medlab/{module} spells run-folder names {spelled}: ask medlab.runs instead"
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (PACKAGE / "templates").glob("*.j2")))
+def test_no_template_spells_the_run_folder(template):
+    text = (PACKAGE / "templates" / template).read_text()
+    spelled = [name for name in FILE_NAMES if name in text]
+    assert spelled == [], f"templates/{template} spells run-folder names {spelled}: pass them from medlab.runs"
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in config.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")))
