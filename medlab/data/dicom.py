@@ -94,11 +94,13 @@ def pixels(path: Path | str, channels: int) -> np.ndarray:
         return image if channels == 1 else np.repeat(image, 3, axis=-1)
     if photometric.startswith("YBR") and dataset.get("PlanarConfiguration", 0) == 0:
         array = convert_color_space(array, photometric, "RGB")
-    if photometric == "PALETTE COLOR":
+    top = float(2 ** int(dataset.get("BitsStored", 8)) - 1)
+    if photometric == "PALETTE COLOR":  # the colour table's entries, not the stored indices, set the range
         from pydicom.pixels import apply_color_lut
 
         array = apply_color_lut(array, dataset)
-    image = _scale(array.astype(np.float64), 0.0, float(2 ** int(dataset.get("BitsStored", 8)) - 1))
+        top = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 255.0
+    image = _scale(array.astype(np.float64), 0.0, top)
     if channels == 1:
         image = np.round(image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
     return image
