@@ -63,19 +63,16 @@ def _check_header(header) -> tuple[str, str, tuple[int, int]] | str:
         return f"multi-frame DICOM ({frames} frames): medlab reads one 2D image per file; save each frame as a file"
     syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and syntax.is_compressed:
-        decoder = get_decoder(syntax) if syntax in _decodable_syntaxes() else None
-        if decoder is None or not decoder.is_available:
+        try:
+            available = get_decoder(syntax).is_available
+        except (NotImplementedError, ValueError, KeyError):  # no decoder for this transfer syntax at all
+            available = False
+        if not available:
             return (f"compressed DICOM ({syntax.name}) that no installed plugin decodes: install "
                     "pylibjpeg with pylibjpeg-libjpeg and pylibjpeg-openjpeg, or decompress the file")
     photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
     mode = "L" if photometric.startswith("MONOCHROME") else "RGB"
     return "DICOM", mode, (int(header.Columns), int(header.Rows))
-
-
-def _decodable_syntaxes() -> set:
-    from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
-
-    return set(_PIXEL_DATA_DECODERS)
 
 
 def pixels(path: Path | str, channels: int) -> np.ndarray:
