@@ -66,6 +66,9 @@ def test_windowing_rescale_and_monochrome1(tmp_path):
     centre = source.WindowCenter
     assert (image[real <= centre - 100] == 0).all() and (image[real >= centre + 100] == 255).all()
     assert 0 < (image == 0).mean() < 1
+    source.WindowCenter, source.WindowWidth = [centre, 0.0], [200.0, 10.0]  # several windows: the first counts
+    source.save_as(windowed)
+    np.testing.assert_array_equal(dicom.pixels(windowed, 1)[..., 0], image)
 
 
 def test_header_without_suffix_is_recognised(tmp_path):

@@ -121,8 +121,9 @@ def _to_uint8_grey(dataset, array: np.ndarray, apply_modality_lut, apply_voi_lut
 
 def _first(value) -> float:
     """Window centre/width may hold several values (several suggested windows): the first is the default."""
-    return float(value[0]) if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and \
-        not isinstance(value, (str, bytes)) else float(value)
+    from pydicom.multival import MultiValue
+
+    return float(value[0]) if isinstance(value, MultiValue) else float(value)
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
