@@ -195,47 +195,74 @@ def default_stem_stride(image_shape: tuple[int, ...]) -> int:
 
 
 MEMBER_PREFIX = "member"  # layers of the k-th member of an averaged model are named member<k>_<name>
+IDENTITY_VIEW = (False, 0, 0)  # (mirrored left-right, rows rolled, columns rolled)
 
 
-def average_models(members: list[keras.Model], name: str = "ensemble") -> keras.Model:
-    """One flat model that averages the logits of several trained models with the same input.
+@keras.saving.register_keras_serializable(package="medlab")
+class ImageView(layers.Layer):
+    """A fixed view of the input for test-time averaging: mirrored left-right and/or rolled by a few pixels.
+
+    Rolled, not padded: the rows (or columns) that leave one edge come back
+    at the other, so the image keeps its size and content. Made of flips,
+    slices and concatenations, which TFLite runs natively.
+    """
+
+    def __init__(self, mirror: bool = False, rows: int = 0, columns: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.mirror, self.rows, self.columns = bool(mirror), int(rows), int(columns)
+
+    def call(self, images):
+        x = keras.ops.flip(images, axis=2) if self.mirror else images
+        if self.rows:
+            x = keras.ops.concatenate([x[:, -self.rows:], x[:, :-self.rows]], axis=1)
+        if self.columns:
+            x = keras.ops.concatenate([x[:, :, -self.columns:], x[:, :, :-self.columns]], axis=2)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mirror": self.mirror, "rows": self.rows, "columns": self.columns}
+
+
+def test_time_views(image_shape: tuple[int, ...]) -> list[tuple[bool, int, int]]:
+    """The views :func:`average_models` averages at test time: the image, its mirror, and four small rolls.
+
+    Each roll moves the image by 1/32 of its shorter side (at least one
+    pixel) up, down, left or right: within the shifts lesson 02's
+    augmentation trains on. The mirror is a view a chest film never shows
+    (the heart is on the left); lesson 03 keeps the views only when they
+    raise the validation AUC.
+    """
+    step = max(1, round(min(image_shape[:2]) / 32))
+    return [IDENTITY_VIEW, (True, 0, 0), (False, step, 0), (False, -step, 0), (False, 0, step), (False, 0, -step)]
+
+
+def average_models(members: list[keras.Model], name: str = "ensemble",
+                   views: list[tuple[bool, int, int]] | None = None) -> keras.Model:
+    """One flat model that averages the logits of several trained models, each on one or more views of the input.
 
     Each member must be a single chain of layers (as :func:`build_scratch_cnn`
     makes) ending in a sigmoid or softmax ``Dense`` layer. Its layers are
-    rebuilt side by side on one shared input, renamed ``member<k>_<name>``,
-    with their trained weights; the members' logits are averaged and the
-    activation applied once. Flat, not nested, so Grad-CAM reaches every
-    member's convolutions (:func:`gradcam_layer_names`) and export and
-    prediction treat it like any other model. One member comes back as it is.
+    rebuilt side by side on one shared input, once per view in ``views``
+    (default: the image as it is; see :func:`test_time_views` and
+    :class:`ImageView`), renamed ``member<k>_<name>``, with their trained
+    weights; the logits are averaged and the activation applied once. Flat,
+    not nested, so Grad-CAM reaches every member's convolutions
+    (:func:`gradcam_layer_names`) and export and prediction treat it like any
+    other model. One member on one view comes back as it is.
     """
+    views = list(views or [IDENTITY_VIEW])
     if not members:
         raise ValueError("average_models needs at least one model")
-    if len(members) == 1:
+    if len(members) == 1 and views == [IDENTITY_VIEW]:
         return members[0]
     shapes = {tuple(member.input_shape[1:]) for member in members}
     if len(shapes) != 1:
         raise ValueError(f"members take different input shapes: {sorted(shapes)}")
     inputs = keras.Input(shape=shapes.pop(), name="image")
-    logits, activations = [], set()
-    for index, member in enumerate(members, start=1):
-        x = inputs
-        chain = [layer for layer in member.layers if not isinstance(layer, layers.InputLayer)]
-        for layer in chain:
-            if len(layer._inbound_nodes) != 1:
-                raise ValueError(f"{member.name}: layer {layer.name} is used more than once; members must be chains")
-            config = {**layer.get_config(), "name": f"{MEMBER_PREFIX}{index}_{layer.name}"}
-            if layer is chain[-1]:
-                activation = config.get("activation")
-                if not isinstance(layer, layers.Dense) or activation not in {"sigmoid", "softmax"}:
-                    raise ValueError(f"{member.name} must end in a sigmoid or softmax Dense layer")
-                activations.add(activation)
-                config["activation"] = "linear"
-            rebuilt = layer.__class__.from_config(config)
-            x = rebuilt(x)
-            rebuilt.set_weights(layer.get_weights())
-            if isinstance(rebuilt, layers.Normalization):
-                rebuilt.finalize_state()  # its adapted mean and variance, as loading a saved model does
-        logits.append(x)
+    logits = [_rebuilt_member(member, view, index, inputs)
+              for index, (member, view) in enumerate(((m, v) for m in members for v in views), start=1)]
+    activations = {activation for _, activation in logits}
+    logits = [x for x, _ in logits]
     if len(activations) != 1 or len({tuple(x.shape) for x in logits}) != 1:
         raise ValueError("members must have the same outputs")
     averaged = layers.Average(name="average_logits")(logits)
@@ -243,10 +270,39 @@ def average_models(members: list[keras.Model], name: str = "ensemble") -> keras.
     return keras.Model(inputs, outputs, name=name)
 
 
+def _rebuilt_member(member: keras.Model, view: tuple[bool, int, int], index: int, inputs):
+    """``member``'s chain rebuilt on ``view`` of ``inputs`` with its weights, up to its logits; and its activation."""
+    prefix = f"{MEMBER_PREFIX}{index}_"
+    x = inputs if tuple(view) == IDENTITY_VIEW else ImageView(*view, name=f"{prefix}view")(inputs)
+    chain = [layer for layer in member.layers if not isinstance(layer, layers.InputLayer)]
+    activation = None
+    for layer in chain:
+        if len(layer._inbound_nodes) != 1:
+            raise ValueError(f"{member.name}: layer {layer.name} is used more than once; members must be chains")
+        config = {**layer.get_config(), "name": f"{prefix}{layer.name}"}
+        if layer is chain[-1]:
+            activation = config.get("activation")
+            if not isinstance(layer, layers.Dense) or activation not in {"sigmoid", "softmax"}:
+                raise ValueError(f"{member.name} must end in a sigmoid or softmax Dense layer")
+            config["activation"] = "linear"
+        rebuilt = layer.__class__.from_config(config)
+        x = rebuilt(x)
+        rebuilt.set_weights(layer.get_weights())
+        if isinstance(rebuilt, layers.Normalization):
+            rebuilt.finalize_state()  # its adapted mean and variance, as loading a saved model does
+    return x, activation
+
+
 def gradcam_layer_names(model: keras.Model) -> list[str]:
-    """Grad-CAM's target layers: the last convolution, or of an averaged model each member's last one."""
+    """Grad-CAM's target layers: the last convolution, or of an averaged model each member's last one.
+
+    Members that see a mirrored or rolled view are left out: their maps
+    would be in the view's coordinates, not the image's.
+    """
+    names = {layer.name for layer in model.layers}
     prefixes = sorted({layer.name.split("_", 1)[0] for layer in model.layers
                        if layer.name.split("_", 1)[0].removeprefix(MEMBER_PREFIX).isdigit()})
+    prefixes = [prefix for prefix in prefixes if f"{prefix}_view" not in names]
     if not prefixes:
         return [last_conv_layer_name(model)]
     return [last_conv_layer_name(model, prefix=f"{prefix}_") for prefix in prefixes]

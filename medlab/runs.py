@@ -66,6 +66,11 @@ class ModelFolder:
         return self.path / "best.keras"
 
     @property
+    def single_view_checkpoint(self) -> Path:
+        """The model before test-time views were added (kept when they replace ``best.keras``)."""
+        return self.path / "single_view.keras"
+
+    @property
     def history(self) -> Path:
         return self.path / "history.csv"
 

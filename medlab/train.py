@@ -332,7 +332,7 @@ def default_members(image_shape: tuple[int, ...]) -> int:
 
 
 def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig, members: int = 1,
-                  augmentation=None, verbose: int = 2) -> pd.DataFrame:
+                  augmentation=None, verbose: int = 2, test_time_views: bool = False) -> pd.DataFrame:
     """Train ``members`` models from different seeds and save their average as ``model_dir/best.keras``.
 
     ``build_model()`` returns a new compiled model; ``augmentation(seed)``
@@ -341,6 +341,9 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
     trained into ``model_dir/members/seed<N>/`` and
     :func:`medlab.models.average_models` makes one flat model of their
     averaged logits, so evaluation, export and prediction see one model.
+    With ``test_time_views`` the saved model also averages over
+    :func:`medlab.models.test_time_views` of each image, if that raises the
+    validation AUC (:func:`keep_better_on_validation`).
     Returns the histories, with a ``member`` column (the member's seed).
     """
     from dataclasses import replace
@@ -362,7 +365,7 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
     if members > 1:
         trained = [load_model(folder.member(seed).checkpoint) for seed in seeds]
         average_models(trained, name=trained[0].name).save(folder.checkpoint)
-        summary = {
+        write_json(folder.training, {
             "config": asdict(cfg),
             "members": summaries,
             "member_seeds": seeds,
@@ -370,9 +373,42 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
             "train_seconds": round(sum(member["train_seconds"] for member in summaries), 1),
             "parameters": sum(member["parameters"] for member in summaries),
             "devices": summaries[0].get("devices"),
-        }
-        write_json(folder.training, summary)
+        })
+    if test_time_views:
+        trained = [load_model((folder if members == 1 else folder.member(seed)).checkpoint) for seed in seeds]
+        keep_better_on_validation(folder, dataset, trained)
     return pd.concat(histories)
+
+
+def keep_better_on_validation(folder: ModelFolder, dataset: Dataset, trained: list[keras.Model]) -> dict:
+    """Replace ``folder``'s checkpoint by the average over test-time views if its validation AUC is higher.
+
+    Test-time views (the image, its mirror and four small shifts, see
+    :func:`medlab.models.test_time_views`) average out some of a model's
+    sensitivity to exactly where and which way round the anatomy lies, at
+    six times the inference cost. Whether that helps is decided on the
+    validation split only; the single-view model is kept as
+    ``single_view.keras`` when it is replaced. The comparison is added to
+    ``training.json`` under ``test_time_views`` and returned.
+    """
+    from medlab.models import average_models, load_model, test_time_views
+
+    single = load_model(folder.checkpoint)
+    views = test_time_views(dataset.val.images.shape[1:])
+    viewed = average_models(trained, name=single.name, views=views)
+    single_auc = evaluate_auc(dataset.val.labels, predict(single, dataset.val))
+    viewed_auc = evaluate_auc(dataset.val.labels, predict(viewed, dataset.val))
+    decision = {"views": [list(view) for view in views], "val_auc_single_view": round(single_auc, 4),
+                "val_auc_with_views": round(viewed_auc, 4), "kept": bool(viewed_auc > single_auc)}
+    folder.single_view_checkpoint.unlink(missing_ok=True)  # from an earlier run into this folder
+    if decision["kept"]:
+        folder.checkpoint.replace(folder.single_view_checkpoint)
+        viewed.save(folder.checkpoint)
+    training = read_json(folder.training, {})
+    write_json(folder.training, {**training, "test_time_views": decision})
+    print(f"test-time views: validation AUC {single_auc:.4f} on the image alone, {viewed_auc:.4f} averaged over "
+          f"{len(views)} views: {'kept' if decision['kept'] else 'not kept'}")
+    return decision
 
 
 def predict(model: keras.Model, split: Split, batch_size: int = 256) -> np.ndarray:

@@ -153,6 +153,21 @@ def test_logit_model_of_an_averaged_model(trained):
     np.testing.assert_allclose(1 / (1 + np.exp(-raw)), predict(model, data.test), atol=1e-5)
 
 
+def test_a_model_with_test_time_views_exports_with_builtin_ops(trained, tmp_path):
+    """Mirror and rolls are flips, slices and concatenations: float32 and int8 LiteRT models match Keras."""
+    from medlab.models import average_models, test_time_views
+
+    model, data = trained
+    viewed = average_models([model], name="scratch_cnn", views=test_time_views((32, 32, 1)))
+    reference = predict(viewed, data.test)
+    assert not np.allclose(reference, predict(model, data.test), atol=1e-4)
+    metadata = model_metadata(data.info.class_names, (32, 32, 1), 0.5, "scratch_cnn", pretrained=None)
+    for variant, tolerance in (("float32", 1e-5), ("int8", 0.2)):
+        lite = export_variant(viewed, variant, tmp_path / f"{variant}.tflite", metadata, data.train.images[:64])
+        result = parity(reference, lite.predict(data.test.images, batch_size=50), data.test.labels, 0.5)
+        assert result["max_abs_probability_difference"] < tolerance, variant
+
+
 def test_builtin_kernels_give_the_same_outputs_and_a_latency_table(trained, exported):
     """Without the XNNPACK delegate the same file gives the same numbers (only speed may differ)."""
     from medlab.export import cpu_int8_features, latency_table

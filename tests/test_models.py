@@ -162,6 +162,43 @@ def test_average_models_averages_logits_in_one_flat_graph(num_classes, tmp_path)
         models.average_models([])
 
 
+def test_image_view_mirrors_and_rolls_like_numpy(tmp_path):
+    images = np.arange(2 * 5 * 6 * 1, dtype="float32").reshape(2, 5, 6, 1)
+    for mirror, rows, columns in [(True, 0, 0), (False, 2, 0), (False, -1, 0), (False, 0, 3), (True, -2, 1)]:
+        expected = np.roll(images[:, :, ::-1] if mirror else images, (rows, columns), axis=(1, 2))
+        view = models.ImageView(mirror, rows, columns)
+        np.testing.assert_array_equal(np.asarray(view(images)), expected)
+        assert models.ImageView.from_config(view.get_config()).get_config() == view.get_config()
+    assert models.test_time_views((64, 64, 1)) == [(False, 0, 0), (True, 0, 0), (False, 2, 0), (False, -2, 0),
+                                                   (False, 0, 2), (False, 0, -2)]
+    assert models.test_time_views((28, 28, 1))[2] == (False, 1, 0)  # at least one pixel
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_average_models_over_views_averages_each_views_logits(num_classes, tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (8, 16, 16, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    member = build_scratch_cnn((16, 16, 1), num_classes, images, filters=(4, 8), dense_units=8)
+    views = models.test_time_views(images.shape[1:])
+    viewed = models.average_models([member], name="scratch_cnn", views=views)
+    assert len(viewed.layers) > len(member.layers) and not any(isinstance(layer, keras.Model) for layer in viewed.layers)
+    assert models.gradcam_layer_names(viewed) == ["member1_block2_conv"]  # the unshifted view only
+    head = keras.Model(member.input, member.layers[-1].input)
+    kernel, bias = member.layers[-1].kernel.numpy(), member.layers[-1].bias.numpy()
+    logits = np.mean([np.asarray(head(np.roll(images[:, :, ::-1] if mirror else images, (rows, columns),
+                                              axis=(1, 2)))) @ kernel + bias
+                      for mirror, rows, columns in views], axis=0)
+    expected = 1 / (1 + np.exp(-logits)) if num_classes == 2 else np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(viewed.predict(images, verbose=0), expected, atol=1e-5)
+    assert not np.allclose(member.predict(images, verbose=0), expected, atol=1e-3)  # the views do change something
+    viewed.save(tmp_path / "viewed.keras")
+    np.testing.assert_allclose(models.load_model(tmp_path / "viewed.keras").predict(images, verbose=0), expected,
+                               atol=1e-5)
+    two = models.average_models([member, member], views=views[:2])  # members x views
+    assert models.gradcam_layer_names(two) == ["member1_block2_conv", "member3_block2_conv"]
+
+
 def test_fused_batchnorm_trains_like_keras_batchnorm():
     """Same outputs, gradients and moving statistics as Keras' BatchNormalization; inference is Keras' own."""
     import tensorflow as tf

@@ -159,6 +159,43 @@ def test_train_members_saves_one_averaged_model(tiny, tmp_path):
     np.testing.assert_allclose(saved, expected, atol=1e-4)
 
 
+def test_test_time_views_are_kept_only_when_validation_auc_rises(tiny, tmp_path, monkeypatch):
+    from medlab import train
+    from medlab.runs import ModelFolder
+    from medlab.train import train_members
+
+    def build_model():
+        return compile_model(build_scratch_cnn((32, 32, 1), 2, tiny.train.images, filters=(4,), dense_units=4), 2)
+
+    config = TrainConfig(max_epochs=1, batch_size=16, seed=3)
+    train_members(build_model, tiny, tmp_path / "plain", config, verbose=0)
+    train_members(build_model, tiny, tmp_path / "viewed", config, verbose=0, test_time_views=True)
+    folder = ModelFolder(tmp_path / "viewed")
+    decision = json.loads(folder.training.read_text())["test_time_views"]
+    assert len(decision["views"]) == 6 and decision["kept"] == (
+        decision["val_auc_with_views"] > decision["val_auc_single_view"])
+    plain = keras.saving.load_model(tmp_path / "plain" / "best.keras")
+    saved = keras.saving.load_model(folder.checkpoint)
+    images = tiny.val.images.astype("float32")
+    if decision["kept"]:
+        assert len(saved.layers) > len(plain.layers) and folder.single_view_checkpoint.exists()
+        single = keras.saving.load_model(folder.single_view_checkpoint)
+        np.testing.assert_allclose(single.predict(images, verbose=0), plain.predict(images, verbose=0), atol=1e-5)
+    else:
+        assert not folder.single_view_checkpoint.exists()
+        np.testing.assert_allclose(saved.predict(images, verbose=0), plain.predict(images, verbose=0), atol=1e-5)
+    # Both outcomes on purpose: validation decides, so a rigged AUC flips the decision.
+    for single_wins in (True, False):
+        aucs = iter([0.9, 0.8] if single_wins else [0.8, 0.9])
+        monkeypatch.setattr(train, "evaluate_auc", lambda labels, probabilities, aucs=aucs: next(aucs))
+        trained = [keras.saving.load_model(tmp_path / "plain" / "best.keras")]
+        forced = ModelFolder(tmp_path / f"forced{single_wins}").create()
+        plain.save(forced.checkpoint)
+        assert train.keep_better_on_validation(forced, tiny, trained)["kept"] is not single_wins
+        assert forced.single_view_checkpoint.exists() is not single_wins
+        assert (len(keras.saving.load_model(forced.checkpoint).layers) == len(plain.layers)) is single_wins
+
+
 def test_default_members_depends_on_image_size():
     from medlab.train import default_members
 
