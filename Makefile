@@ -12,9 +12,10 @@ MEDMNIST_SIZE ?= 28
 NOTEBOOKS ?=
 PARAMS ?=
 SKIP_BAD_FILES ?=
+TRACKING ?=
 NBVAL_DIR := build/nbval
 
-.PHONY: help setup lab data reports test browser serve lint bench lock clean
+.PHONY: help setup lab data reports test browser serve lint bench lock clean mlflow
 
 help: ## Show this help
 	@echo "medlab: reproducible medical image classification (see README.md)"
@@ -24,6 +25,7 @@ help: ## Show this help
 	@echo "Variables: DATASET=synthetic|synthetic-4class|pneumoniamnist|path/to/file.npz|path/to/folder"
 	@echo "           NOTEBOOKS='01 02' (subset), PARAMS='-p image_size=32' (notebook parameters)"
 	@echo "           SKIP_BAD_FILES=1 (leave unreadable images out in every lesson and the bench, and list them)"
+	@echo "           TRACKING=mlflow (log every training lesson and the evaluation to MLflow, see make mlflow)"
 
 setup: $(VENV)/.installed ## Create .venv from the lock file and register the Jupyter kernel
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -44,7 +46,10 @@ data: setup ## Generate the synthetic datasets and download MEDMNIST (default pn
 
 reports: setup ## Execute every notebook into reports/<run>/ (DATASET=..., default synthetic)
 	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) \
-		$(if $(SKIP_BAD_FILES),-p skip_bad_files=true) $(PARAMS)
+		$(if $(SKIP_BAD_FILES),-p skip_bad_files=true) $(if $(TRACKING),-p tracking=$(TRACKING)) $(PARAMS)
+
+mlflow: setup ## Open MLflow's UI on the runs logged with TRACKING=mlflow (MLFLOW_TRACKING_URI, else mlruns.db)
+	$(PY) -m medlab.tracking ui
 
 browser: ## Install Debian's chromium and chromedriver for the browser test (when root and missing)
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
@@ -60,7 +65,9 @@ test: setup browser ## Unit tests and, side by side, every notebook under nbval 
 	$(PY) -m medlab.smoke $(NBVAL_DIR)
 	@echo "unit tests (log: build/unit-tests.log, shown at the end) and notebooks run side by side"
 	@$(PY) -m pytest tests -p no:cacheprovider > build/unit-tests.log 2>&1 & unit=$$!; \
-	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider; notebooks=$$?; \
+	export MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db; \
+	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider \
+		&& $(PY) -m medlab.tracking check; notebooks=$$?; \
 	wait $$unit; units=$$?; cat build/unit-tests.log; \
 	echo "make test: notebooks exit $$notebooks, unit tests exit $$units"; [ $$notebooks = 0 ] && [ $$units = 0 ]
 
@@ -75,7 +82,7 @@ SEEDS ?= 3
 SPEED ?= 1
 bench: setup ## Full report per seed (SEEDS=3) on the real data when found, then one table (SPEED=0: no speed bench)
 	$(PY) -m medlab.cli bench full --seeds $(SEEDS) $(if $(filter-out synthetic,$(DATASET)),--dataset "$(DATASET)") \
-		$(if $(SKIP_BAD_FILES),--skip-bad-files) $(if $(filter 0,$(SPEED)),--no-speed)
+		$(if $(SKIP_BAD_FILES),--skip-bad-files) $(if $(filter 0,$(SPEED)),--no-speed) $(if $(TRACKING),--tracking $(TRACKING))
 
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh environment.yml
 	uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 --generate-hashes -o requirements.lock

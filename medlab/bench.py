@@ -147,7 +147,7 @@ PUBLISHED = {
 
 
 def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000,
-                   skip_bad_files: bool = False, speed: bool = True) -> dict:
+                   skip_bad_files: bool = False, speed: bool = True, tracking: str = "") -> dict:
     """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary.
 
     ``speed=False`` leaves out :func:`medlab.speed.speed_benchmark` (about a quarter of an hour).
@@ -160,7 +160,8 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
     for seed in range(seeds):
         name = f"bench-{run_name(dataset)}-seed{seed}"
         started = time.perf_counter()
-        folder = run_reports(dataset, parameters={"seed": seed, "skip_bad_files": skip_bad_files}, name=name)
+        folder = run_reports(dataset, parameters={"seed": seed, "skip_bad_files": skip_bad_files,
+                                                  **({"tracking": tracking} if tracking else {})}, name=name)
         wall = time.perf_counter() - started
         metrics = read_json(RunFolder(folder).metrics)
         runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
 
+    _add_bench_parser(commands)
+    return parser
+
+
+def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="print benchmark figures")
     bench.add_argument("what", choices=["full", "data", "speed"], nargs="?", default="full",
                        help="full: the whole report per seed, then one table (default); data: the data pipeline "
@@ -83,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=3)
     bench.add_argument("--images", type=int, default=5000, help="PNG files for the data-pipeline benchmark")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--tracking", default="", choices=["", "mlflow"],
+                       help="full: log every seed's lessons to MLflow, tagged by seed (see medlab.tracking)")
     bench.add_argument("--no-speed", action="store_true", help="full: leave out the training-speed benchmark")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +225,8 @@ def _bench(arguments) -> int:
         return 0
     _papermill_logging()
     result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images,
-                                  skip_bad_files=arguments.skip_bad_files, speed=not arguments.no_speed)
+                                  skip_bad_files=arguments.skip_bad_files, speed=not arguments.no_speed,
+                                  tracking=arguments.tracking)
     json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
     print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
     print(f"\nwritten: {json_path}, {markdown_path}")

@@ -22,7 +22,6 @@ import html
 import json
 import platform
 import shutil
-import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -67,17 +66,6 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.PROJECT_ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=config.PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def package_versions() -> dict[str, str]:
@@ -149,6 +137,10 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     write_json(run.metrics, metrics, sort_keys=True)
     run.index_html.write_text(_index_html(run, metrics), encoding="utf-8")
     run.model_card.write_text(model_card(metrics), encoding="utf-8")
+    if parameters.get("tracking"):
+        from medlab.tracking import log_report
+
+        log_report(run, metrics)
     _swap_into_place(staging, final)
     shutil.rmtree(failed, ignore_errors=True)
     return final
@@ -191,7 +183,7 @@ def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, par
         "parameters": parameters,
         "notebook_wall_time_s": timings,
         "total_wall_time_s": round(sum(timings.values()), 2),
-        "git_commit": git_commit(),
+        "git_commit": config.git_commit(),
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "cpu_count": config.cpu_count(), **training_devices(records)},

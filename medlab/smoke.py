@@ -35,6 +35,7 @@ SMOKE_PARAMETERS = {
     "representative_images": 16,
     "latency_repeats": 3,
     "solution_epochs": 1,  # the worked solutions that train run too, so they cannot rot
+    "tracking": "mlflow",  # make test points MLFLOW_TRACKING_URI into build/nbval, then reads the runs back
 }
 
 

@@ -211,12 +211,13 @@ def make_callbacks(model_dir: str | Path, cfg: TrainConfig, training_images: np.
 
 
 def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
-                augmentation=None, verbose: int = 2) -> pd.DataFrame:
+                augmentation=None, verbose: int = 2, callbacks: list | None = None) -> pd.DataFrame:
     """Fit ``model`` (already compiled) on ``dataset``; return the history as a table.
 
     Writes ``best.keras`` (the checkpoint of the best validation epoch),
     ``history.csv`` and ``training.json`` (configuration, epochs, wall time)
-    into ``model_dir``. ``verbose=2`` prints one line per epoch.
+    into ``model_dir``. ``verbose=2`` prints one line per epoch. ``callbacks``
+    run after medlab's own (e.g. :meth:`medlab.tracking.Tracker.callbacks`).
     """
     folder = ModelFolder(Path(model_dir)).create()
     num_classes = dataset.info.num_classes
@@ -226,7 +227,8 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     class_weight = dataset.class_weights() if cfg.class_weighting else None
     started = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs,
-                        callbacks=make_callbacks(folder, cfg, dataset.train.images), class_weight=class_weight,
+                        callbacks=make_callbacks(folder, cfg, dataset.train.images) + list(callbacks or []),
+                        class_weight=class_weight,
                         verbose=verbose,
                         shuffle=False)  # the tf.data pipeline shuffles, seeded
     seconds = time.perf_counter() - started
@@ -258,7 +260,7 @@ def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 25
 
 def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
                       augmentation=None, augmented_copies: int = 2, learning_rate: float = 1e-3,
-                      verbose: int = 2) -> pd.DataFrame:
+                      verbose: int = 2, callbacks: list | None = None) -> pd.DataFrame:
     """Train only the head of a transfer model whose backbone is frozen, on features computed once.
 
     A frozen backbone gives the same features every epoch, so running it
@@ -300,7 +302,8 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
     for layer in head_layers:
         x = layer.__class__.from_config(layer.get_config())(x)
     head = compile_model(keras.Model(head_input, x, name="head"), dataset.info.num_classes, learning_rate)
-    history = train_model(head, Dataset(dataset.info, feature_splits), folder.path, cfg, verbose=verbose)
+    history = train_model(head, Dataset(dataset.info, feature_splits), folder.path, cfg, verbose=verbose,
+                          callbacks=callbacks)
     best_head = keras.saving.load_model(folder.checkpoint)  # the head alone: Keras layers only
     for layer in head_layers:
         layer.set_weights(best_head.get_layer(layer.name).get_weights())
@@ -332,7 +335,8 @@ def default_members(image_shape: tuple[int, ...]) -> int:
 
 
 def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig, members: int = 1,
-                  augmentation=None, verbose: int = 2, test_time_views: bool = False) -> pd.DataFrame:
+                  augmentation=None, verbose: int = 2, test_time_views: bool = False,
+                  callbacks: list | None = None) -> pd.DataFrame:
     """Train ``members`` models from different seeds and save their average as ``model_dir/best.keras``.
 
     ``build_model()`` returns a new compiled model; ``augmentation(seed)``
@@ -359,7 +363,8 @@ def train_members(build_model, dataset: Dataset, model_dir: str | Path, cfg: Tra
         if members > 1:
             print(f"member {number} of {members}, seed {seed}")
         history = train_model(build_model(), dataset, member.path, replace(cfg, seed=seed),
-                              augmentation=augmentation(seed) if augmentation else None, verbose=verbose)
+                              augmentation=augmentation(seed) if augmentation else None, verbose=verbose,
+                              callbacks=callbacks)
         histories.append(history.assign(member=seed))
         summaries.append(read_json(member.training))
     if members > 1:
