@@ -147,9 +147,12 @@ PUBLISHED = {
 
 
 def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int = 5000,
-                   skip_bad_files: bool = False, speed: bool = True, tracking: str = "") -> dict:
+                   skip_bad_files: bool = False, speed: bool = True, tracking: str = "",
+                   only_seeds: list[int] | None = None) -> dict:
     """``make reports`` once per seed (runs kept as ``reports/bench-<data>-seed<N>/``), then one summary.
 
+    Seeds 0 to ``seeds - 1``, or only ``only_seeds`` (to spread the seeds over
+    several machines; :func:`merge_benchmark` makes one table of their runs).
     ``speed=False`` leaves out :func:`medlab.speed.speed_benchmark` (about a quarter of an hour).
     """
     from medlab.reports import run_reports
@@ -157,7 +160,8 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
 
     dataset = dataset or default_bench_dataset()
     runs = []
-    for seed in range(seeds):
+    chosen = list(only_seeds) if only_seeds else list(range(seeds))
+    for seed in chosen:
         name = f"bench-{run_name(dataset)}-seed{seed}"
         started = time.perf_counter()
         folder = run_reports(dataset, parameters={"seed": seed, "skip_bad_files": skip_bad_files,
@@ -165,7 +169,7 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
         wall = time.perf_counter() - started
         metrics = read_json(RunFolder(folder).metrics)
         runs.append({"seed": seed, "folder": str(folder), "wall_time_s": round(wall, 1), "metrics": metrics})
-    result = {"dataset": dataset, "seeds": seeds, "runs": runs, "summary": summarise_runs(runs),
+    result = {"dataset": dataset, "seeds": len(chosen), "runs": runs, "summary": summarise_runs(runs),
               "gpus": sorted({gpu for run in runs for gpu in run["metrics"].get("machine", {}).get("gpus", [])}),
               "data_pipeline": data_benchmark(data_images)}
     if speed:
@@ -173,6 +177,30 @@ def full_benchmark(dataset: str | None = None, seeds: int = 3, data_images: int 
 
         result["speed"] = speed_benchmark(runs[0]["folder"])
     return result
+
+
+def merge_benchmark(folders: list[str | Path]) -> dict:
+    """One benchmark result from finished bench runs, e.g. seeds run on different machines and copied together.
+
+    Each folder is a ``reports/bench-<data>-seed<N>/`` run; they must be of one
+    dataset. The report wall times are each run's own (``metrics.json``).
+    """
+    from medlab.runs import RunFolder, read_json
+
+    runs = []
+    for folder in folders:
+        metrics = read_json(RunFolder(folder).metrics)
+        if metrics is None:
+            raise FileNotFoundError(f"{folder} has no metrics.json: not a finished report run")
+        seeds = {values.get("seed") for values in metrics.get("parameters", {}).values()} - {None}
+        runs.append({"seed": min(seeds) if seeds else None, "folder": str(folder),
+                     "wall_time_s": metrics["total_wall_time_s"], "metrics": metrics})
+    datasets = {run["metrics"]["dataset_spec"] for run in runs}
+    if len(datasets) != 1:
+        raise ValueError(f"the runs are of different datasets: {sorted(datasets)}")
+    runs.sort(key=lambda run: (run["seed"] is None, run["seed"]))
+    return {"dataset": datasets.pop(), "seeds": len(runs), "runs": runs, "summary": summarise_runs(runs),
+            "gpus": sorted({gpu for run in runs for gpu in run["metrics"].get("machine", {}).get("gpus", [])})}
 
 
 # Lesson 06's multi-class headline metric -> (bench key, column title).
@@ -232,8 +260,9 @@ def markdown_table(result: dict) -> str:
     dataset = result["dataset"]
     if Path(dataset).is_absolute():  # a table for the README: no one machine's paths
         dataset = os.path.relpath(dataset, config.PROJECT_ROOT)
-    lines = [f"Dataset: `{dataset}`, {result['seeds']} seed(s), "
-             f"{result['data_pipeline']['cpu_count']} CPU core(s), "
+    cores = result["data_pipeline"]["cpu_count"] if "data_pipeline" in result else "/".join(
+        sorted({str(run["metrics"].get("machine", {}).get("cpu_count")) for run in result["runs"]}))
+    lines = [f"Dataset: `{dataset}`, {result['seeds']} seed(s), {cores} CPU core(s), "
              + ("GPU not recorded" if "gpus" not in result else
                 f"GPU: {', '.join(result['gpus'])}" if result["gpus"] else "no GPU used") + ".", ""]
     models = {name: values for name, values in summary.items() if not name.startswith("_")}
@@ -257,8 +286,8 @@ def markdown_table(result: dict) -> str:
             lines += ["", "Published on this dataset (not re-run here):", "",
                       "| source | test accuracy | test split overlaps training? |", "|---|---|---|"]
             lines += [f"| {p['source']} | {p['accuracy']:.3f} | {p['overlap']} |" for p in published]
-    pipeline = result["data_pipeline"]
-    lines += ["", f"Data pipeline ({pipeline['images']} PNGs, {pipeline['source_size']} px -> {pipeline['image_size']} px): "
+    pipeline = result.get("data_pipeline")
+    lines += [] if pipeline is None else ["", f"Data pipeline ({pipeline['images']} PNGs, {pipeline['source_size']} px -> {pipeline['image_size']} px): "
               f"first pass {pipeline['first_pass_vs_loop']:.2f}x, cached epoch {pipeline['cached_epoch_vs_loop']:.1f}x "
               "a per-file PIL loop."]
     if "_tflite_int8" in summary:

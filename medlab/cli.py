@@ -79,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="print benchmark figures")
-    bench.add_argument("what", choices=["full", "data", "speed"], nargs="?", default="full",
+    bench.add_argument("what", choices=["full", "data", "speed", "merge"], nargs="?", default="full",
                        help="full: the whole report per seed, then one table (default); data: the data pipeline "
-                            "only; speed: training FLOP/s against this CPU's attainable rate, and overheads")
+                            "only; speed: training FLOP/s against this CPU's attainable rate, and overheads; "
+                            "merge: one table from finished bench runs (--runs), e.g. seeds run on several machines")
+    bench.add_argument("--seed", type=int, action="append", dest="only_seeds",
+                       help="full: run only this seed (repeatable), e.g. one seed per machine")
+    bench.add_argument("--runs", nargs="+", help="merge: the bench run folders (reports/bench-<data>-seed<N>)")
     bench.add_argument("--run", help="speed: a finished run folder whose lesson wall times and epochs to report")
     bench.add_argument("--skip-bad-files", action="store_true", help="full: leave unreadable images out of every run")
     bench.add_argument("--dataset", help="default: the real PneumoniaMNIST when found, else synthetic")
@@ -223,10 +227,18 @@ def _bench(arguments) -> int:
         print(json.dumps(results, indent=2) if arguments.json else speed.markdown(results))
         print(f"\nwritten: {json_path}, {markdown_path}")
         return 0
+    if arguments.what == "merge":
+        if not arguments.runs:
+            raise ValueError("bench merge needs --runs FOLDER [FOLDER ...] (finished bench runs)")
+        result = bench.merge_benchmark(arguments.runs)
+        json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
+        print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
+        print(f"\nwritten: {json_path}, {markdown_path}")
+        return 0
     _papermill_logging()
     result = bench.full_benchmark(arguments.dataset, arguments.seeds, arguments.images,
                                   skip_bad_files=arguments.skip_bad_files, speed=not arguments.no_speed,
-                                  tracking=arguments.tracking)
+                                  tracking=arguments.tracking, only_seeds=arguments.only_seeds)
     json_path, markdown_path = bench.write_results(result, config.reports_dir() / "bench")
     print(json.dumps(result["summary"], indent=2) if arguments.json else bench.markdown_table(result))
     print(f"\nwritten: {json_path}, {markdown_path}")

@@ -71,13 +71,15 @@ class FusedBatchNormalization(layers.BatchNormalization):
     step (``medlab bench speed`` measures it). TensorFlow's
     ``FusedBatchNormV3`` does the same arithmetic in one pass, forward and
     backward. The moving averages are updated exactly as Keras does, with the
-    batch's biased variance; inference, masks and channels-first inputs use
-    Keras' own code, so a saved model predicts and exports as before.
+    batch's biased variance; inference, masks, channels-first inputs and
+    ``synchronized=True`` (statistics over every worker of a multi-worker
+    run, see :mod:`medlab.distributed`) use Keras' own code, so a saved model
+    predicts and exports as before.
     """
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or mask is not None or self.renorm or len(inputs.shape) != 4 \
-                or self.axis not in (-1, 3):
+        if not (training and self.trainable) or mask is not None or self.renorm or self.synchronized \
+                or len(inputs.shape) != 4 or self.axis not in (-1, 3):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
@@ -112,6 +114,13 @@ def with_fused_batchnorm(model: keras.Model) -> keras.Model:
     for original, cloned in zip(model.layers, copy.layers):
         cloned.trainable = original.trainable
     return copy
+
+
+def _multi_worker() -> bool:
+    """Whether models are being built under ``tf.distribute.MultiWorkerMirroredStrategy`` (see medlab.distributed)."""
+    import tensorflow as tf
+
+    return isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def _output_layer(x, num_classes: int):
@@ -151,6 +160,7 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
         raise ValueError("dropout rates must be in [0, 1)")
     if stem_stride not in (1, 2):
         raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+    synchronized = _multi_worker()  # one batch's statistics over every worker, so all end with the same averages
     inputs = keras.Input(shape=input_shape, name="image")
     normalization = layers.Normalization(axis=None, name="normalization")
     if training_images is not None:
@@ -161,14 +171,14 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
     for block, width in enumerate(filters, start=1):
         stride = stem_stride if block == 1 else 1
         x = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"block{block}_conv")(x)
-        x = FusedBatchNormalization(momentum=bn_momentum, name=f"block{block}_bn")(x)
+        x = FusedBatchNormalization(momentum=bn_momentum, synchronized=synchronized, name=f"block{block}_bn")(x)
         x = layers.Activation("relu", name=f"block{block}_relu")(x)
         if stride == 1:
             x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
         x = layers.Dropout(block_dropout, name=f"block{block}_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dense(dense_units, use_bias=False, name="head_dense")(x)
-    x = FusedBatchNormalization(momentum=bn_momentum, name="head_bn")(x)
+    x = FusedBatchNormalization(momentum=bn_momentum, synchronized=synchronized, name="head_bn")(x)
     x = layers.Activation("relu", name="head_relu")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     return keras.Model(inputs, _output_layer(x, num_classes), name="scratch_cnn")

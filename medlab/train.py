@@ -58,15 +58,21 @@ def get_strategy(kind: str = "auto") -> tf.distribute.Strategy:
     ``"auto"``: ``MirroredStrategy`` when more than one GPU is visible, else the
     default (single-device) strategy. ``"mirrored"``: ``MirroredStrategy`` over
     every GPU, or over every logical CPU device when there is no GPU (how the
-    tests exercise it). ``"default"``: always one device.
+    tests exercise it). ``"default"``: always one device. ``"multi_worker"``:
+    ``MultiWorkerMirroredStrategy`` over the machines ``TF_CONFIG`` lists
+    (:mod:`medlab.distributed`; ask for it before any other TensorFlow work).
     """
+    if kind == "multi_worker":
+        from medlab.distributed import multi_worker_strategy
+
+        return multi_worker_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "default" or (kind == "auto" and len(gpus) < 2):
         return tf.distribute.get_strategy()
     if kind in {"auto", "mirrored"}:
         devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices=devices)
-    raise ValueError(f"strategy must be 'auto', 'mirrored' or 'default', got {kind!r}")
+    raise ValueError(f"strategy must be 'auto', 'mirrored', 'default' or 'multi_worker', got {kind!r}")
 
 
 def compile_model(model: keras.Model, num_classes: int, learning_rate: float = 1e-3,
@@ -218,7 +224,14 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     ``history.csv`` and ``training.json`` (configuration, epochs, wall time)
     into ``model_dir``. ``verbose=2`` prints one line per epoch. ``callbacks``
     run after medlab's own (e.g. :meth:`medlab.tracking.Tracker.callbacks`).
+    A model built under a multi-worker strategy trains with
+    :func:`medlab.distributed.train_distributed` instead (Keras' fit fails there).
     """
+    from medlab.distributed import is_multi_worker, train_distributed
+
+    if is_multi_worker(model):
+        return train_distributed(model, dataset, model_dir, cfg, lambda epoch: cosine_learning_rate(epoch, cfg),
+                                 augmentation=augmentation, verbose=verbose, callbacks=callbacks)
     folder = ModelFolder(Path(model_dir)).create()
     num_classes = dataset.info.num_classes
     train_data = make_tf_dataset(dataset.train, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed,

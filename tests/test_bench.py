@@ -69,3 +69,34 @@ def test_multiclass_summary_and_table():
         in table
     assert "Published on this dataset" in table and "IJERTV13IS030038" in table
     assert "ROC-AUC | accuracy at 0.5" not in table  # no binary table for a multi-class run
+
+
+def test_runs_from_several_machines_merge_into_one_table(tmp_path):
+    """`medlab bench full --seed N` on each machine, then `medlab bench merge --runs ...` on one."""
+    import json
+
+    from medlab.bench import merge_benchmark
+    from medlab.cli import main
+
+    for seed, auc in ((1, 0.98), (0, 0.96)):
+        folder = tmp_path / f"bench-x-seed{seed}"
+        folder.mkdir()
+        model = {"test": {"roc_auc": auc, "recall": 0.9, "specificity": 0.8},
+                 "test_at": {"default_0.5": {"accuracy": 0.9}}}
+        (folder / "metrics.json").write_text(json.dumps({
+            "dataset_spec": "pneumoniamnist", "total_wall_time_s": 300.0 + seed, "machine": {"cpu_count": 2},
+            "parameters": {"03_scratch_cnn": {"seed": seed}, "06_evaluation": {"seed": seed}},
+            "records": {"evaluation": {"models": {"scratch_cnn": model}}}}))
+    result = merge_benchmark(sorted(tmp_path.glob("bench-x-seed*"), reverse=True))
+    assert [run["seed"] for run in result["runs"]] == [0, 1] and result["seeds"] == 2
+    assert result["summary"]["scratch_cnn"]["test_auc"]["mean"] == pytest.approx(0.97)
+    assert result["summary"]["_report_wall_time_s"]["values"] == [300.0, 301.0]
+    assert main(["bench", "merge", "--runs", *map(str, tmp_path.glob("bench-x-seed*"))]) == 0
+    other = tmp_path / "bench-y-seed0"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"dataset_spec": "synthetic", "total_wall_time_s": 1.0,
+                                                    "parameters": {}, "records": {}}))
+    with pytest.raises(ValueError, match="different datasets"):
+        merge_benchmark([tmp_path / "bench-x-seed0", other])
+    with pytest.raises(FileNotFoundError, match="not a finished report run"):
+        merge_benchmark([tmp_path])
