@@ -20,6 +20,7 @@ from medlab.data import dicom
 from medlab.data.folder import (
     IMAGE_SUFFIXES,
     TF_DECODABLE,
+    decode_error,
     decode_files,
     decode_image_file,
     read_header,
@@ -142,7 +143,7 @@ class Predictor:
             images, failed = decode_files([Path(paths[i]) for i in readable], use_pillow, height, channels,
                                           progress=False)
         for position in failed:
-            errors[readable[position]] = "could not be decoded"
+            errors[readable[position]] = f"could not be decoded ({decode_error(Path(paths[readable[position]]))})"
         keep = [position for position in range(len(readable)) if position not in set(failed)]
         return images[keep], [readable[position] for position in keep], errors
 

@@ -91,7 +91,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
             with lock:
                 images, _indices, errors = predictor.decode([path])
                 if errors:
-                    raise HTTPException(422, f"image could not be decoded: {errors[0]}")
+                    raise HTTPException(422, f"image not usable: {errors[0]}")
                 result = predictor.describe(predictor.probabilities(images)[0], file.filename or "upload")
                 heatmaps = predictor.gradcam(images)
         overlay = None if heatmaps is None else _overlay_png(images[0], heatmaps[0])

@@ -157,3 +157,35 @@ def test_the_audit_finds_a_patient_in_two_splits(mixed_tree, capsys):
     )
     assert cli.main(["audit", str(mixed_tree)]) == 0
     assert "patients in more than one split: 1" in capsys.readouterr().out
+
+
+def test_every_pydicom_test_file_renders_in_the_web_page_or_is_refused_in_one_line(tiny_run):
+    """The web page's /predict on each of pydicom's own test files: a prediction with its Grad-CAM overlay, or a
+    one-line refusal (422: a DICOM file medlab cannot use; 415: no DICOM preamble, so not recognised as DICOM)."""
+    from fastapi.testclient import TestClient
+
+    from medlab.predict import Predictor
+    from medlab.serve import create_app
+
+    run, _ = tiny_run
+    client = TestClient(create_app(Predictor(run)))
+    rendered, refused = [], {}
+    for path in sorted(TEST_FILES.glob("*.dcm")):
+        response = client.post("/predict", files={"file": (path.name, path.read_bytes(), "application/dicom")})
+        assert response.status_code in (200, 415, 422), (path.name, response.status_code, response.text[:300])
+        if response.status_code == 200:
+            body = response.json()
+            assert body["predicted_class"] in ("normal", "pneumonia") and body["gradcam_png"], path.name
+            rendered.append(path.name)
+        else:
+            refused[path.name] = response.json()["detail"]
+            assert "\n" not in refused[path.name], path.name
+    header_ok = {path.name for path in TEST_FILES.glob("*.dcm") if not isinstance(dicom.read_header(path), str)}
+    assert set(rendered) <= header_ok  # whatever the header check refuses is refused on the page too
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "liver_1frame.dcm",
+                 "SC_rgb_rle.dcm", "JPEG2000.dcm", "examples_palette.dcm"):
+        assert name in rendered, (name, refused.get(name))
+    for name in ("rtplan.dcm", "SC_rgb_rle_2frame.dcm", "rtdose.dcm"):
+        assert name in refused
+    print(f"rendered {len(rendered)}: {', '.join(rendered)}")
+    print(f"refused {len(refused)}: " + "; ".join(f"{name}: {reason}" for name, reason in refused.items()))

@@ -341,7 +341,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, seed: 
     use_pillow = [headers[path][1] not in TF_DECODABLE.get(headers[path][0], set()) for _s, path, _l in entries]
     images, failed = decode_files([path for _s, path, _l in entries], use_pillow, image_size, channels, progress)
     for index in failed:
-        bad[entries[index][1]] = f"could not be decoded ({_decode_error(entries[index][1])})"
+        bad[entries[index][1]] = f"could not be decoded ({decode_error(entries[index][1])})"
     if bad and on_error == "raise":
         _refuse_bad_files(scan.root, bad)
     arrays = _split_arrays(scan, entries, images, bad)
@@ -406,14 +406,15 @@ def _stats(values: np.ndarray) -> dict[str, float]:
     return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}
 
 
-def _decode_error(path: Path) -> str:
+def decode_error(path: Path) -> str:
+    """Why a file that passed the header check could not be decoded, in one line (for error messages)."""
     from PIL import Image
 
     if dicom.is_dicom(path):
         try:
             dicom.pixels(path, 1)
         except Exception as error:  # the message is the point here
-            return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            return f"{type(error).__name__}: {' '.join(str(error).split())[:240]}"  # one line, plugin details kept
 
     try:
         with Image.open(path) as image:
