@@ -276,6 +276,7 @@ def model_card(metrics: dict) -> str:
         if any(row.get("pretrained") is False for row in rows):
             lines += ["", "**pretrained: false** for the transfer models: ImageNet weights were not available, "
                       "so their backbones were trained from random initialisation. This is not transfer learning."]
+        lines += _test_time_view_lines(metrics.get("records", {}))
         gradcam = evaluation.get("gradcam") or {}
         if "pointing_game" in gradcam:
             pointing = gradcam["pointing_game"]
@@ -298,6 +299,19 @@ def model_card(metrics: dict) -> str:
         f"(seeded; versions in metrics.json).", "",
     ]
     return "\n".join(lines)
+
+
+def _test_time_view_lines(records: dict) -> list[str]:
+    """What the test-time views decision was, per model that made one (lesson 03), for the model card."""
+    lines = []
+    for section, record in sorted(records.items()):
+        views = (record.get("training") or {}).get("test_time_views") if section.startswith("model_") else None
+        if views:
+            lines.append(f"- `{section.removeprefix('model_')}`: averaged over {len(views['views'])} views of each "
+                         f"image (mirror and small shifts): validation AUC {views['val_auc_with_views']:.4f} with, "
+                         f"{views['val_auc_single_view']:.4f} without, so "
+                         + ("kept" if views["kept"] else "not kept (the model predicts from the image alone)") + ".")
+    return ["", "Test-time views, decided on the validation split:", *lines] if lines else []
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:

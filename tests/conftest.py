@@ -13,9 +13,10 @@ SHARED_PNEUMONIAMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" 
 
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path, monkeypatch):
-    """Every test writes its caches and reports under its own temporary folder."""
+    """Every test writes its caches, reports and MLflow runs under its own temporary folder."""
     monkeypatch.setenv("MEDLAB_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MEDLAB_REPORTS_DIR", str(tmp_path / "reports"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     return tmp_path
 
 

@@ -103,9 +103,11 @@ def test_model_card_and_headline_from_evaluation_record():
                 "transfer": {"pretrained": False, "threshold": 0.4, "test": {"roc_auc": 0.8}, "test_ci95": {}},
             },
             "gradcam": {"model": "scratch_cnn", "pointing_game": {"hit_rate": 0.6, "chance": 0.03, "images": 64}},
-        }},
+        }, "model_scratch_cnn": {"training": {"test_time_views": {
+            "views": [[False, 0, 0]] * 6, "val_auc_single_view": 0.9, "val_auc_with_views": 0.95, "kept": True}}}},
     }
     card = reports.model_card(metrics)
+    assert "`scratch_cnn`: averaged over 6 views" in card and "0.9500 with, 0.9000 without, so kept." in card
     assert "Synthetic data" in card and "0.970 [0.950, 0.980]" in card
     assert "pretrained: false" in card and "chance is 0.030" in card
     rows = reports.headline_rows(metrics)
