@@ -20,7 +20,8 @@ REQUIRED = {
     "02_augmentation": ["keras.layers.RandomRotation", "keras.layers.RandomContrast"],
     "03_scratch_cnn": ["keras.layers.Conv2D", "keras.layers.BatchNormalization", "keras.layers.MaxPooling2D",
                        "keras.layers.GlobalAveragePooling2D", "keras.Model(", "model.fit(",
-                       "keras.callbacks.ModelCheckpoint", "keras.callbacks.EarlyStopping"],
+                       "keras.callbacks.ModelCheckpoint", "keras.callbacks.EarlyStopping",
+                       "images[:, :, ::-1]", "np.roll("],
     "04_transfer_learning": ["base.trainable = False", "keras.applications.MobileNetV2", "keras.layers.Dense"],
     "05_fine_tuning": ["layer.trainable = False", "keras.layers.BatchNormalization", "layer.trainable = True"],
     "06_evaluation": ["tf.GradientTape", "tape.gradient", "tf.reduce_mean", "tf.nn.relu"],
@@ -94,6 +95,21 @@ def test_scratch_cnn_written_out_is_build_scratch_cnn(classes, side, stride):
     ours.set_weights(reference.get_weights())
     batch = images[:8].astype("float32")
     np.testing.assert_allclose(ours(batch, training=False), reference(batch, training=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("classes,side", [(2, 28), (4, 64)])
+def test_views_written_out_is_average_models_over_test_time_views(classes, side):
+    from medlab.export import logit_model
+    from medlab.models import average_models, build_scratch_cnn, test_time_views
+
+    written_out = technique("03_scratch_cnn")["views_written_out"]
+    images = np.random.default_rng(2).uniform(0, 255, (8, side, side, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = build_scratch_cnn((side, side, 1), classes, images, filters=(4, 8), dense_units=8)
+    views = test_time_views(images.shape[1:])
+    ours = written_out(logit_model(model)[0], images, step=views[2][1])
+    np.testing.assert_allclose(ours, average_models([model], views=views).predict(images, verbose=0), atol=1e-5)
+    assert not np.allclose(ours, model.predict(images, verbose=0), atol=1e-4)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "plateau"])
