@@ -64,9 +64,9 @@ test: setup browser ## Unit tests and, side by side, every notebook under nbval 
 	rm -rf $(NBVAL_DIR)
 	$(PY) -m medlab.smoke $(NBVAL_DIR)
 	@echo "unit tests (log: build/unit-tests.log, shown at the end) and notebooks run side by side"
-	@$(PY) -m pytest tests -p no:cacheprovider > build/unit-tests.log 2>&1 & unit=$$!; \
+	@$(PY) -m pytest tests -p no:cacheprovider --durations=15 > build/unit-tests.log 2>&1 & unit=$$!; \
 	export MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db; \
-	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider \
+	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider --durations=10 \
 		&& $(PY) -m medlab.tracking check; notebooks=$$?; \
 	wait $$unit; units=$$?; cat build/unit-tests.log; \
 	echo "make test: notebooks exit $$notebooks, unit tests exit $$units"; [ $$notebooks = 0 ] && [ $$units = 0 ]
