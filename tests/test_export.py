@@ -125,6 +125,15 @@ def test_augmentation_layers_are_stripped_and_int8_needs_data(trained):
         convert(model, "int8")
 
 
+def test_variants_from_one_shared_export_are_the_files_a_fresh_export_gives(trained, tmp_path):
+    from medlab.export import export_saved_model
+
+    model, data = trained
+    shared = export_saved_model(model, tmp_path / "saved")
+    for variant in ("float32", "dynamic_range"):
+        assert convert(model, variant, saved_model=shared) == convert(model, variant), variant
+
+
 def test_compare_variants_table(trained, tmp_path):
     from medlab.export import compare_variants
 
