@@ -67,6 +67,8 @@ def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | list[str] 
                 score = tf.math.log(tf.gather(probabilities, chosen, axis=1, batch_dims=1))
         gradients = tape.gradient(score, feature_maps)
         weighted = 0.0
+        rows = batch.shape[0]  # a member on stacked test-time views has one row per view: the first view is the image
+        feature_maps, gradients = [maps[:rows] for maps in feature_maps], [grads[:rows] for grads in gradients]
         for maps, grads in zip(feature_maps, gradients):  # summed at the first layer's resolution
             weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
             layer_map = tf.reduce_sum(weights * maps, axis=-1)[..., None]

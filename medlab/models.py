@@ -222,15 +222,63 @@ class ImageView(layers.Layer):
         self.mirror, self.rows, self.columns = bool(mirror), int(rows), int(columns)
 
     def call(self, images):
-        x = keras.ops.flip(images, axis=2) if self.mirror else images
-        if self.rows:
-            x = keras.ops.concatenate([x[:, -self.rows:], x[:, :-self.rows]], axis=1)
-        if self.columns:
-            x = keras.ops.concatenate([x[:, :, -self.columns:], x[:, :, :-self.columns]], axis=2)
-        return x
+        return _image_view(images, self.mirror, self.rows, self.columns)
 
     def get_config(self):
         return {**super().get_config(), "mirror": self.mirror, "rows": self.rows, "columns": self.columns}
+
+
+def _image_view(images, mirror: bool, rows: int, columns: int):
+    x = keras.ops.flip(images, axis=2) if mirror else images
+    if rows:
+        x = keras.ops.concatenate([x[:, -rows:], x[:, :-rows]], axis=1)
+    if columns:
+        x = keras.ops.concatenate([x[:, :, -columns:], x[:, :, :-columns]], axis=2)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="medlab")
+class ViewStack(layers.Layer):
+    """Several :class:`ImageView` views of a batch stacked along the batch axis: N images in, ``len(views) * N`` out.
+
+    One copy of a network then sees every view in one pass (rows ``k*N`` to
+    ``(k+1)*N - 1`` are view ``k``), and :class:`ViewMean` averages its
+    outputs back to N rows. The first view must be the image as it is:
+    Grad-CAM reads the first N rows (:func:`medlab.explain.gradcam`).
+    """
+
+    def __init__(self, views: list, **kwargs):
+        super().__init__(**kwargs)
+        self.views = [(bool(mirror), int(rows), int(columns)) for mirror, rows, columns in views]
+        if not self.views or self.views[0] != IDENTITY_VIEW:
+            raise ValueError(f"the first view must be the image as it is {IDENTITY_VIEW}, got {views}")
+
+    def call(self, images):
+        return keras.ops.concatenate([_image_view(images, *view) for view in self.views], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[1:])
+
+    def get_config(self):
+        return {**super().get_config(), "views": [list(view) for view in self.views]}
+
+
+@keras.saving.register_keras_serializable(package="medlab")
+class ViewMean(layers.Layer):
+    """The mean over the ``views`` blocks of rows that :class:`ViewStack` stacked: ``views * N`` rows in, N out."""
+
+    def __init__(self, views: int, **kwargs):
+        super().__init__(**kwargs)
+        self.views = int(views)
+
+    def call(self, x):
+        return keras.ops.mean(keras.ops.reshape(x, (self.views, -1, *x.shape[1:])), axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[1:])
+
+    def get_config(self):
+        return {**super().get_config(), "views": self.views}
 
 
 def test_time_views(image_shape: tuple[int, ...]) -> list[tuple[bool, int, int]]:
@@ -252,38 +300,42 @@ def average_models(members: list[keras.Model], name: str = "ensemble",
 
     Each member must be a single chain of layers (as :func:`build_scratch_cnn`
     makes) ending in a sigmoid or softmax ``Dense`` layer. Its layers are
-    rebuilt side by side on one shared input, once per view in ``views``
-    (default: the image as it is; see :func:`test_time_views` and
-    :class:`ImageView`), renamed ``member<k>_<name>``, with their trained
-    weights; the logits are averaged and the activation applied once. Flat,
-    not nested, so Grad-CAM reaches every member's convolutions
-    (:func:`gradcam_layer_names`) and export and prediction treat it like any
-    other model. One member on one view comes back as it is.
+    rebuilt side by side on one shared input, renamed ``member<k>_<name>``,
+    with their trained weights; the logits are averaged and the activation
+    applied once. With several ``views`` (see :func:`test_time_views`; the
+    first must be the image as it is) a member's one copy sees all of them
+    stacked along the batch axis (:class:`ViewStack`) and its logits are
+    averaged over them (:class:`ViewMean`): one set of weights and one graph
+    per member, however many views. Flat, not nested, so Grad-CAM reaches
+    every member's convolutions (:func:`gradcam_layer_names`) and export and
+    prediction treat it like any other model. One member on one view comes
+    back as it is.
     """
-    views = list(views or [IDENTITY_VIEW])
+    views = [tuple(view) for view in (views or [IDENTITY_VIEW])]
     if not members:
         raise ValueError("average_models needs at least one model")
+    if views[0] != IDENTITY_VIEW:
+        raise ValueError(f"the first view must be the image as it is {IDENTITY_VIEW}, got {views[0]}")
     if len(members) == 1 and views == [IDENTITY_VIEW]:
         return members[0]
     shapes = {tuple(member.input_shape[1:]) for member in members}
     if len(shapes) != 1:
         raise ValueError(f"members take different input shapes: {sorted(shapes)}")
     inputs = keras.Input(shape=shapes.pop(), name="image")
-    logits = [_rebuilt_member(member, view, index, inputs)
-              for index, (member, view) in enumerate(((m, v) for m in members for v in views), start=1)]
+    logits = [_rebuilt_member(member, views, index, inputs) for index, member in enumerate(members, start=1)]
     activations = {activation for _, activation in logits}
     logits = [x for x, _ in logits]
     if len(activations) != 1 or len({tuple(x.shape) for x in logits}) != 1:
         raise ValueError("members must have the same outputs")
-    averaged = layers.Average(name="average_logits")(logits)
+    averaged = layers.Average(name="average_logits")(logits) if len(logits) > 1 else logits[0]
     outputs = layers.Activation(activations.pop(), dtype="float32", name=f"{HEAD_PREFIX}output")(averaged)
     return keras.Model(inputs, outputs, name=name)
 
 
-def _rebuilt_member(member: keras.Model, view: tuple[bool, int, int], index: int, inputs):
-    """``member``'s chain rebuilt on ``view`` of ``inputs`` with its weights, up to its logits; and its activation."""
+def _rebuilt_member(member: keras.Model, views: list[tuple[bool, int, int]], index: int, inputs):
+    """``member``'s chain rebuilt on ``views`` of ``inputs`` with its weights, up to its view-averaged logits; and its activation."""
     prefix = f"{MEMBER_PREFIX}{index}_"
-    x = inputs if tuple(view) == IDENTITY_VIEW else ImageView(*view, name=f"{prefix}view")(inputs)
+    x = inputs if views == [IDENTITY_VIEW] else ViewStack(views, name=f"{prefix}views")(inputs)
     chain = [layer for layer in member.layers if not isinstance(layer, layers.InputLayer)]
     activation = None
     for layer in chain:
@@ -300,14 +352,18 @@ def _rebuilt_member(member: keras.Model, view: tuple[bool, int, int], index: int
         rebuilt.set_weights(layer.get_weights())
         if isinstance(rebuilt, layers.Normalization):
             rebuilt.finalize_state()  # its adapted mean and variance, as loading a saved model does
+    if views != [IDENTITY_VIEW]:
+        x = ViewMean(len(views), name=f"{prefix}view_mean")(x)
     return x, activation
 
 
 def gradcam_layer_names(model: keras.Model) -> list[str]:
     """Grad-CAM's target layers: the last convolution, or of an averaged model each member's last one.
 
-    Members that see a mirrored or rolled view are left out: their maps
-    would be in the view's coordinates, not the image's.
+    A member that sees stacked views (:class:`ViewStack`) is explained on the
+    image as it is (its first rows). In models saved before views were
+    stacked, members that see only a mirrored or rolled view are left out:
+    their maps would be in the view's coordinates, not the image's.
     """
     names = {layer.name for layer in model.layers}
     prefixes = sorted({layer.name.split("_", 1)[0] for layer in model.layers

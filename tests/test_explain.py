@@ -72,3 +72,13 @@ def test_gradcam_of_an_averaged_model_sums_its_members(planted):
     # One member alone explains only its own part of the average.
     alone = gradcam(twice, images[positives], layer_name="member1_block1_conv")
     np.testing.assert_allclose(alone, gradcam(model, images[positives]), atol=1e-4)
+
+
+def test_gradcam_of_a_model_on_stacked_views_explains_the_image_as_it_is(planted):
+    """With views stacked along the batch axis, the first rows are the image itself: the map is the model's own."""
+    from medlab.models import average_models, test_time_views
+
+    model, images, labels, _masks = planted
+    positives = np.nonzero(labels)[0][:12]
+    viewed = average_models([model], views=test_time_views(images.shape[1:]))
+    np.testing.assert_allclose(gradcam(viewed, images[positives]), gradcam(model, images[positives]), atol=1e-4)

@@ -195,8 +195,40 @@ def test_average_models_over_views_averages_each_views_logits(num_classes, tmp_p
     viewed.save(tmp_path / "viewed.keras")
     np.testing.assert_allclose(models.load_model(tmp_path / "viewed.keras").predict(images, verbose=0), expected,
                                atol=1e-5)
+    # One copy of the weights sees every view, stacked along the batch axis.
+    assert viewed.count_params() == member.count_params()
+    assert [type(layer).__name__ for layer in viewed.layers].count("Conv2D") == 2
     two = models.average_models([member, member], views=views[:2])  # members x views
-    assert models.gradcam_layer_names(two) == ["member1_block2_conv", "member3_block2_conv"]
+    assert models.gradcam_layer_names(two) == ["member1_block2_conv", "member2_block2_conv"]
+    with pytest.raises(ValueError, match="first view"):
+        models.average_models([member], views=views[1:])
+
+
+def test_view_stack_and_view_mean_undo_each_other_and_round_trip():
+    images = np.arange(3 * 4 * 5 * 1, dtype="float32").reshape(3, 4, 5, 1)
+    views = [(False, 0, 0), (True, 0, 0), (False, 1, 0), (False, 0, -2)]
+    stacked = np.asarray(models.ViewStack(views)(images))
+    assert stacked.shape == (12, 4, 5, 1)
+    for k, view in enumerate(views):  # rows k*N .. (k+1)*N - 1 are view k
+        np.testing.assert_array_equal(stacked[3 * k:3 * k + 3], np.asarray(models.ImageView(*view)(images)))
+    mean = np.asarray(models.ViewMean(len(views))(stacked))
+    np.testing.assert_allclose(mean, stacked.reshape(4, 3, 4, 5, 1).mean(axis=0))
+    for layer in (models.ViewStack(views, name="s"), models.ViewMean(4, name="m")):
+        assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="first view"):
+        models.ViewStack([(True, 0, 0)])
+
+
+def test_gradcam_layer_names_leave_out_shifted_members_of_older_view_models():
+    """Models saved before views were stacked had one member per view (``member<k>_view``): only unshifted ones count."""
+    inputs = keras.Input((8, 8, 1))
+    branches = []
+    for index, view in enumerate([(False, 0, 0), (True, 0, 0)], start=1):
+        x = inputs if view == (False, 0, 0) else models.ImageView(*view, name=f"member{index}_view")(inputs)
+        x = keras.layers.Conv2D(2, 3, name=f"member{index}_block1_conv")(x)
+        branches.append(keras.layers.GlobalAveragePooling2D(name=f"member{index}_pool")(x))
+    old = keras.Model(inputs, keras.layers.Average()(branches))
+    assert models.gradcam_layer_names(old) == ["member1_block1_conv"]
 
 
 def test_fused_batchnorm_trains_like_keras_batchnorm():
