@@ -17,6 +17,11 @@ measured on the same machine in the same run.
   (the forward pass, then gradients for the inputs and for the weights).
   Normalisation, activations, pooling and the optimizer are not counted:
   they are the overheads the percentage exposes.
+- **Training step alone**: the same model's forward pass, backward pass and
+  Adam update on one fixed batch, repeated as one traced function: no input
+  pipeline, no validation, no callbacks. Its rate against the attainable one
+  is how well the kernels themselves use the CPU; the gap to the achieved
+  rate is what an epoch adds around the steps.
 - **Overheads**: the same measurement with one thing switched off at a time
   (training metrics, precise BN, augmentation, op determinism, validation),
   and with Keras' own ``BatchNormalization`` in place of medlab's fused one.
@@ -152,6 +157,37 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     return train_images * epochs / seconds
 
 
+def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2, batch_size: int = 64,
+                 repeats: int = 20, seed: int = config.DEFAULT_SEED) -> float:
+    """Training images/s of ``build_model``'s bare training step (forward, backward, Adam) on one fixed batch."""
+    import keras
+    import tensorflow as tf
+
+    from medlab.train import compile_model, set_determinism
+
+    set_determinism(seed)
+    try:
+        batch = _toy_split(batch_size, side, channels, num_classes, seed)
+        model = compile_model(build_model(batch.images, True), num_classes, metrics="loss")
+        images = tf.constant(batch.images, tf.float32)
+        labels = tf.constant(batch.labels[:, None] if num_classes == 2 else np.eye(num_classes)[batch.labels],
+                             tf.float32)
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = model.compute_loss(x=images, y=labels, y_pred=model(images, training=True))
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            return loss
+
+        step()  # the warm-up inside _rate traces; this one builds the optimizer's slots outside the timing
+        return batch_size * _rate(step, 1.0, repeats)
+    finally:
+        keras.backend.clear_session()
+
+
 def lesson_models(num_classes: int = 2) -> dict:
     """``{name: (build_model(training_images, fused), side, channels)}``: lesson 03 at 28/64/128 px, lesson 04.
 
@@ -228,9 +264,12 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     for name, (build, side, channels) in lesson_models().items():
         train_gflop = 3 * forward_flops(build(np.zeros((2, side, side, channels), np.uint8), True)) / 1e9
         rate = measure_training(build, side, channels, epochs=epochs)
+        step_rate = measure_step(build, side, channels)
         row = {"side": side, "train_gflop_per_image": round(train_gflop, 4), "images_per_s": round(rate, 1),
                "achieved_gflops": round(rate * train_gflop, 1),
-               "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1)}
+               "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1),
+               "step_images_per_s": round(step_rate, 1),
+               "step_percent_of_attainable": round(100 * step_rate * train_gflop / attainable, 1)}
         for overhead in OVERHEADS if overheads else ():
             without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs)
             row[f"without_{overhead}_images_per_s"] = round(without, 1)
@@ -245,13 +284,16 @@ def markdown(result: dict) -> str:
     lines = [f"Attainable on this machine ({result['cpu_count']} cores): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
              "3x3 Conv2D forward+backward " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops"].items())
              + f" GFLOP/s (best {peak['attainable_conv2d_gflops']:.0f}).", ""]
+    steps = all("step_images_per_s" in row for row in result["models"].values())
     header = ["model", "GFLOP/image (train)", "images/s", "GFLOP/s", "% of conv"]
+    header += ["step alone images/s", "step alone % of conv"] if steps else []
     overheads = [o for o in OVERHEADS if any(f"without_{o}_images_per_s" in r for r in result["models"].values())]
     header += [("Keras BN" if o == "fused_batchnorm" else f"no {o.replace('_', ' ')}") + " images/s" for o in overheads]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in result["models"].items():
         cells = [name, f"{row['train_gflop_per_image']:.3f}", f"{row['images_per_s']:.0f}",
                  f"{row['achieved_gflops']:.0f}", f"{row['percent_of_attainable']:.0f}%"]
+        cells += [f"{row['step_images_per_s']:.0f}", f"{row['step_percent_of_attainable']:.0f}%"] if steps else []
         cells += [f"{row[f'without_{o}_images_per_s']:.0f}" for o in overheads]
         lines.append("| " + " | ".join(cells) + " |")
     lessons = result.get("lessons") or {}

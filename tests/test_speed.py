@@ -35,6 +35,20 @@ def test_measure_training_runs_each_variant(switched_off):
     assert tf_config.is_op_determinism_enabled()  # switched back on for everything after
 
 
+def test_measure_step_times_a_training_step_that_learns():
+    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
+    calls = []
+
+    def recording_build(images, fused):
+        calls.append(build(images, fused))
+        return calls[-1]
+
+    rate = speed.measure_step(recording_build, side, channels, batch_size=8, repeats=2)
+    assert rate > 0
+    model = calls[0]
+    assert int(model.optimizer.iterations.numpy()) == 1 + 1 + 2  # slots built, traced, then timed: the weights moved
+
+
 def test_measure_training_refuses_unknown_overheads():
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
     with pytest.raises(ValueError, match="switched_off"):
@@ -65,9 +79,10 @@ def test_lesson_summary_and_markdown(tmp_path):
                              "attainable_conv2d_gflops": 250.0},
               "models": {"scratch_cnn_64px": {"side": 64, "train_gflop_per_image": 0.233, "images_per_s": 500.0,
                                               "achieved_gflops": 116.5, "percent_of_attainable": 46.6,
-                                              "without_metrics_images_per_s": 510.0}}}
+                                              "without_metrics_images_per_s": 510.0,
+                                              "step_images_per_s": 700.0, "step_percent_of_attainable": 65.2}}}
     table = speed.markdown(result)
-    assert "| scratch_cnn_64px | 0.233 | 500 | 116 | 47% | 510 |" in table
+    assert "| scratch_cnn_64px | 0.233 | 500 | 116 | 47% | 700 | 65% | 510 |" in table
     assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table
     json_path, markdown_path = speed.write_results(result, tmp_path / "bench")
     assert json.loads(json_path.read_text())["models"]["scratch_cnn_64px"]["images_per_s"] == 500.0
