@@ -212,6 +212,9 @@ IDENTITY_VIEW = (False, 0, 0)  # (mirrored left-right, rows rolled, columns roll
 class ImageView(layers.Layer):
     """A fixed view of the input for test-time averaging: mirrored left-right and/or rolled by a few pixels.
 
+    Models saved before 3c2c4a8 hold one of these per view; :func:`average_models`
+    now stacks all views in one :class:`ViewStack` (the same arithmetic).
+
     Rolled, not padded: the rows (or columns) that leave one edge come back
     at the other, so the image keeps its size and content. Made of flips,
     slices and concatenations, which TFLite runs natively.

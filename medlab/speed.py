@@ -163,17 +163,16 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
     import keras
     import tensorflow as tf
 
+    from medlab.data import make_tf_dataset
     from medlab.train import compile_model, set_determinism
 
     set_determinism(seed)
     try:
         batch = _toy_split(batch_size, side, channels, num_classes, seed)
         model = compile_model(build_model(batch.images, True), num_classes, metrics="loss")
-        images = tf.constant(batch.images, tf.float32)
-        labels = tf.constant(batch.labels[:, None] if num_classes == 2 else np.eye(num_classes)[batch.labels],
-                             tf.float32)
+        images, labels = next(iter(make_tf_dataset(batch, num_classes, batch_size)))  # as training sees them
         optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)
+        optimizer.build(model.trainable_variables)  # its slots exist before the step is traced
 
         @tf.function
         def step():
@@ -182,8 +181,7 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
             optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
             return loss
 
-        step()  # the warm-up inside _rate traces; this one builds the optimizer's slots outside the timing
-        return batch_size * _rate(step, 1.0, repeats)
+        return batch_size * _rate(step, 1.0, repeats)  # _rate traces with one untimed call
     finally:
         keras.backend.clear_session()
 
