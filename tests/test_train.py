@@ -81,6 +81,16 @@ def test_multiclass_compiles_with_categorical_loss():
         get_strategy("bogus")
 
 
+def test_compile_model_makes_adams_slots_before_any_step():
+    """Built at compile time, not inside the first traced train step (where Keras makes them, slowly)."""
+    model = compile_model(build_scratch_cnn((32, 32, 1), 2, filters=(8,)), 2)
+    optimizer = model.optimizer
+    assert optimizer.built and int(optimizer.iterations.numpy()) == 0
+    slots = [optimizer._momentums, optimizer._velocities]
+    assert [len(slot) for slot in slots] == [len(model.trainable_variables)] * 2
+    assert [tuple(v.shape) for v in optimizer._momentums] == [tuple(v.shape) for v in model.trainable_variables]
+
+
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     script = textwrap.dedent("""
         import tensorflow as tf
