@@ -115,7 +115,11 @@ def test_model_card_and_headline_from_evaluation_record():
 
 
 def test_a_corrupt_image_stops_the_real_lessons_clearly_and_the_switch_lists_it(tmp_path, monkeypatch):
-    """Lessons 01 and 03 on a 4-class folder with one corrupt file: a clear failure naming it, then a run without it."""
+    """Lessons 01 and 02 on a 4-class folder with one corrupt file: a clear failure naming it, then a run without it.
+
+    Two lessons that load the data without training (this test is about the bad file, 55-70 s with lesson 03);
+    the next test checks that every lesson, the training ones included, hands the switch to ``load_dataset``.
+    """
     from conftest import make_tree
 
     from medlab.smoke import SMOKE_PARAMETERS
@@ -124,20 +128,36 @@ def test_a_corrupt_image_stops_the_real_lessons_clearly_and_the_switch_lists_it(
     classes = {"glioma": 30, "meningioma": 80, "notumor": 130, "pituitary": 180}
     root = make_tree(tmp_path / "mri", {"Training": 0, "Testing": 0}, classes, per_class=8)
     (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    # One CNN without test-time views: this test is about the bad file, make test's nbval trains the rest.
-    parameters = {**{k: v for k, v in SMOKE_PARAMETERS.items() if k != "dataset"},
-                  "ensemble_members": 1, "test_time_views": False, "solution_epochs": 0}
+    parameters = {k: v for k, v in SMOKE_PARAMETERS.items() if k != "dataset"}
     with pytest.raises(ReportError) as failure:
-        run_reports(str(root), ["01", "03"], parameters, progress=False)
+        run_reports(str(root), ["01", "02"], parameters, progress=False)
     message = str(failure.value)
     assert "01_eda.ipynb failed" in message and "broken.jpg" in message and "skip_bad_files" in message
     assert not (tmp_path / "reports" / "mri").exists() and (tmp_path / "reports" / "mri.failed").exists()
-    final = run_reports(str(root), ["01", "03"], {**parameters, "skip_bad_files": True}, progress=False)
+    final = run_reports(str(root), ["01", "02"], {**parameters, "skip_bad_files": True}, progress=False)
     metrics = json.loads((final / "metrics.json").read_text())
     assert [skipped["file"] for skipped in metrics["dataset"]["skipped_files"]] == ["Training/glioma/broken.jpg"]
     assert metrics["dataset"]["class_names"] == list(classes)
-    assert metrics["records"]["model_scratch_cnn"]["val_auc"] > 0
-    assert "broken.jpg" in (final / "01_eda.html").read_text()
+    assert set(metrics["notebook_wall_time_s"]) == {"01_eda", "02_augmentation"}
+    assert "broken.jpg" in (final / "01_eda.html").read_text() and (final / "02_augmentation.html").exists()
+
+
+@pytest.mark.parametrize("notebook", sorted(config.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_lesson_hands_skip_bad_files_to_load_dataset(notebook):
+    """The parameter is declared, and the lesson's dataset is loaded with on_error="skip" if it is set, else "raise"."""
+    import ast
+
+    cells = json.loads(notebook.read_text())["cells"]
+    declared = "".join("".join(cell["source"]) for cell in cells if "parameters" in cell["metadata"].get("tags", []))
+    assert "skip_bad_files: bool = False" in declared, notebook.name
+    calls = [node for cell in cells if cell["cell_type"] == "code"
+             for node in ast.walk(ast.parse("".join(cell["source"])))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_dataset"
+             and node.args and getattr(node.args[0], "id", None) == "dataset"]
+    assert calls, f"{notebook.name} does not load the chosen dataset with load_dataset(dataset, ...)"
+    for call in calls:
+        on_error = {keyword.arg: ast.unparse(keyword.value) for keyword in call.keywords}.get("on_error")
+        assert on_error == "'skip' if skip_bad_files else 'raise'", f"{notebook.name}: on_error={on_error}"
 
 
 def test_index_html_escapes_names_from_the_run(tmp_path):
