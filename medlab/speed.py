@@ -171,8 +171,7 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
         batch = _toy_split(batch_size, side, channels, num_classes, seed)
         model = compile_model(build_model(batch.images, True), num_classes, metrics="loss")
         images, labels = next(iter(make_tf_dataset(batch, num_classes, batch_size)))  # as training sees them
-        optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)  # its slots exist before the step is traced
+        optimizer = model.optimizer  # compile_model has made its slots: the step's trace does not
 
         @tf.function
         def step():

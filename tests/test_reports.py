@@ -117,7 +117,7 @@ def test_model_card_and_headline_from_evaluation_record():
 def test_a_corrupt_image_stops_the_real_lessons_clearly_and_the_switch_lists_it(tmp_path, monkeypatch):
     """Lessons 01 and 02 on a 4-class folder with one corrupt file: a clear failure naming it, then a run without it.
 
-    Two lessons that load the data without training (this test is about the bad file, 55-70 s with lesson 03);
+    Two lessons that load the data without training (this test is about the bad file: 52 s, 79 s with lesson 03);
     the next test checks that every lesson, the training ones included, hands the switch to ``load_dataset``.
     """
     from conftest import make_tree
