@@ -65,6 +65,14 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_flags() -> set[str] | None:
+    """The instruction-set flags this CPU reports (Linux ``/proc/cpuinfo``), e.g. ``"amx_bf16"``; None if unknown."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+
+
 def git_commit() -> str:
     """The project's git commit (``-dirty`` with uncommitted changes to tracked files), or "unknown"."""
     try:

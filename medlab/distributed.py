@@ -127,6 +127,10 @@ def train_distributed(model: keras.Model, dataset: Dataset, model_dir: str | Pat
             if waited >= cfg.early_stopping_patience:
                 break
     model.set_weights(best)
+    from medlab.train import computes_in_bfloat16, save_float32
+
+    if computes_in_bfloat16(model):
+        save_float32(folder.checkpoint)
     table = pd.DataFrame(history).set_index("epoch")
     table.to_csv(folder.history)
     monitor = f"val_{cfg.monitor}"

@@ -23,6 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from medlab import config
 from medlab.runs import RunFolder
 
 VARIANTS = ("float32", "float16", "dynamic_range", "int8")
@@ -56,7 +57,7 @@ def logit_model(model: keras.Model) -> tuple[keras.Model, str | None]:
         return keras.Model(model.inputs, last.input, name=f"{model.name}_logits"), activation
     if not isinstance(last, keras.layers.Dense) or activation not in {"sigmoid", "softmax"}:
         return model, None
-    dense = keras.layers.Dense(last.units, name=f"{last.name}_logits")
+    dense = keras.layers.Dense(last.units, dtype=last.dtype_policy, name=f"{last.name}_logits")  # its precision too
     logits = dense(last.input)
     dense.set_weights(last.get_weights())
     return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), activation
@@ -270,11 +271,8 @@ def cpu_int8_features() -> list[str] | None:
     instructions; without them int8 convolutions need extra widening steps and
     can be slower than float32.
     """
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return None
-    return sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+    flags = config.cpu_flags()
+    return None if flags is None else sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 
 
 def latency_table(lite_models: dict[str, LiteModel], image: np.ndarray, repeats: int = 50):

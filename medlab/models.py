@@ -13,6 +13,7 @@ fine-tuning can unfreeze individual backbone layers.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
-        x = tf.cast(inputs, tf.float32)
+        # float32 input, or bfloat16 / float16 under a mixed-precision policy: the kernel takes either as is
+        # (a cast to float32 and back would cost more than the normalisation itself), with float32 statistics.
+        x = inputs if inputs.dtype in (tf.float32, tf.bfloat16, tf.float16) else tf.cast(inputs, tf.float32)
         channels = x.shape[-1]
         gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
@@ -109,10 +112,44 @@ def with_fused_batchnorm(model: keras.Model) -> keras.Model:
             return fused
         return layer.__class__.from_config(layer.get_config())
 
-    copy = keras.models.clone_model(model, clone_function=clone)
+    return clone_with_weights(model, clone)
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """A copy of a functional ``model`` whose every layer computes in float32 (e.g. one trained in bfloat16).
+
+    Weights (float32 under any mixed-precision policy), names and ``trainable`` flags are kept.
+    """
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    with global_dtype_policy("float32"):  # for the input layer, which clone_model makes itself
+        return clone_with_weights(model, clone)
+
+
+@contextlib.contextmanager
+def global_dtype_policy(policy: str):
+    """Set Keras' global dtype policy (e.g. ``"float32"``) inside a ``with`` block, and put the previous one back."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def clone_with_weights(model: keras.Model, clone_function) -> keras.Model:
+    """``keras.models.clone_model(model, clone_function)`` with ``model``'s weights and ``trainable`` flags.
+
+    ``set_weights`` fills an adapted ``Normalization`` layer's variables but
+    not the mean and variance its ``call`` reads, so those are finalised too.
+    """
+    copy = keras.models.clone_model(model, clone_function=clone_function)
     copy.set_weights(model.get_weights())
     for original, cloned in zip(model.layers, copy.layers):
         cloned.trainable = original.trainable
+        if isinstance(cloned, layers.Normalization):
+            cloned.finalize_state()
     return copy
 
 
@@ -324,15 +361,18 @@ def average_models(members: list[keras.Model], name: str = "ensemble",
     shapes = {tuple(member.input_shape[1:]) for member in members}
     if len(shapes) != 1:
         raise ValueError(f"members take different input shapes: {sorted(shapes)}")
-    inputs = keras.Input(shape=shapes.pop(), name="image")
-    logits = [_rebuilt_member(member, views, index, inputs) for index, member in enumerate(members, start=1)]
-    activations = {activation for _, activation in logits}
-    logits = [x for x, _ in logits]
-    if len(activations) != 1 or len({tuple(x.shape) for x in logits}) != 1:
-        raise ValueError("members must have the same outputs")
-    averaged = layers.Average(name="average_logits")(logits) if len(logits) > 1 else logits[0]
-    outputs = layers.Activation(activations.pop(), dtype="float32", name=f"{HEAD_PREFIX}output")(averaged)
-    return keras.Model(inputs, outputs, name=name)
+    # The views, averages and input are float32 whatever the global policy (lesson 03 may train in bfloat16):
+    # the members' own layers keep the precision they were saved with.
+    with global_dtype_policy("float32"):
+        inputs = keras.Input(shape=shapes.pop(), name="image")
+        logits = [_rebuilt_member(member, views, index, inputs) for index, member in enumerate(members, start=1)]
+        activations = {activation for _, activation in logits}
+        logits = [x for x, _ in logits]
+        if len(activations) != 1 or len({tuple(x.shape) for x in logits}) != 1:
+            raise ValueError("members must have the same outputs")
+        averaged = layers.Average(name="average_logits")(logits) if len(logits) > 1 else logits[0]
+        outputs = layers.Activation(activations.pop(), dtype="float32", name=f"{HEAD_PREFIX}output")(averaged)
+        return keras.Model(inputs, outputs, name=name)
 
 
 def _rebuilt_member(member: keras.Model, views: list[tuple[bool, int, int]], index: int, inputs):

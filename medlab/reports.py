@@ -298,6 +298,11 @@ def model_card(metrics: dict) -> str:
         f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "
         f"(seeded; versions in metrics.json).", "",
     ]
+    precisions = (metrics.get("machine") or {}).get("training_precision") or []
+    if any(precision != "float32" for precision in precisions):
+        lines += [f"Training precision: {', '.join(precisions)} (`mixed_bfloat16`: a CPU with AMX-BF16, "
+                  "`mixed_float16`: a GPU). On other hardware the same seeds train in float32 and give slightly "
+                  "different numbers; the saved models compute in float32 (bfloat16) or as trained (float16).", ""]
     return "\n".join(lines)
 
 

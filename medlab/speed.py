@@ -7,7 +7,8 @@ measured on the same machine in the same run.
 - **Attainable rate**: FLOP/s of a 2048 x 2048 float32 matmul and of 3x3
   ``Conv2D`` layers, forward plus both backward passes (the work of one
   training step), at the shapes lesson 03's network uses; the best conv rate
-  is the yardstick.
+  is the yardstick. Also in bfloat16, the yardstick for lesson 03's models
+  where the CPU has AMX and lesson 03 trains in bfloat16 (rows ``_bfloat16``).
 - **Achieved rate** of a lesson's model: training images/s (``model.fit``
   epochs after a warm-up epoch, with validation) times the model's training
   FLOPs per image. FLOPs are counted from the layers' output shapes: a
@@ -56,29 +57,35 @@ def _rate(step, flops: float, repeats: int) -> float:
 
 
 def attainable_rates(repeats: int = 10, batch_size: int = 64) -> dict:
-    """GFLOP/s of a large matmul and of 3x3 Conv2D forward+backward at :data:`CONV_SHAPES`."""
+    """GFLOP/s of a large matmul and of 3x3 Conv2D forward+backward at :data:`CONV_SHAPES`, float32 and bfloat16.
+
+    The bfloat16 convolutions are the yardstick for a model trained under
+    ``mixed_bfloat16`` (lesson 03 on a CPU with AMX, :func:`medlab.train.set_mixed_precision`).
+    """
     import tensorflow as tf
 
     generator = tf.random.Generator.from_seed(0)
     left, right = generator.normal((2048, 2048)), generator.normal((2048, 2048))
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
     results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats) / 1e9}
-    conv_rates = {}
-    for side, channels_in, channels_out in CONV_SHAPES:
-        inputs = tf.Variable(generator.normal((batch_size, side, side, channels_in)))
-        kernel = tf.Variable(generator.normal((3, 3, channels_in, channels_out)))
+    for dtype, suffix in ((tf.float32, ""), (tf.bfloat16, "_bfloat16")):
+        conv_rates = {}
+        for side, channels_in, channels_out in CONV_SHAPES:
+            inputs = tf.Variable(tf.cast(generator.normal((batch_size, side, side, channels_in)), dtype))
+            kernel = tf.Variable(tf.cast(generator.normal((3, 3, channels_in, channels_out)), dtype))
 
-        @tf.function
-        def step(inputs=inputs, kernel=kernel):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(tf.nn.conv2d(inputs, kernel, 1, "SAME"))
-            input_gradient, kernel_gradient = tape.gradient(loss, [inputs, kernel])
-            return tf.reduce_sum(input_gradient) + tf.reduce_sum(kernel_gradient)
+            @tf.function
+            def step(inputs=inputs, kernel=kernel):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(tf.cast(tf.nn.conv2d(inputs, kernel, 1, "SAME"), tf.float32))
+                input_gradient, kernel_gradient = tape.gradient(loss, [inputs, kernel])
+                return tf.reduce_sum(tf.cast(input_gradient, tf.float32)) + tf.reduce_sum(
+                    tf.cast(kernel_gradient, tf.float32))
 
-        flops = 3 * 2 * 9 * batch_size * side * side * channels_in * channels_out
-        conv_rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats) / 1e9
-    results["conv2d_train_gflops"] = conv_rates
-    results["attainable_conv2d_gflops"] = max(conv_rates.values())
+            flops = 3 * 2 * 9 * batch_size * side * side * channels_in * channels_out
+            conv_rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats) / 1e9
+        results[f"conv2d_train_gflops{suffix}"] = conv_rates
+        results[f"attainable_conv2d_gflops{suffix}"] = max(conv_rates.values())
     return results
 
 
@@ -118,11 +125,12 @@ def _toy_split(count: int, side: int, channels: int, num_classes: int, seed: int
 
 def measure_training(build_model, side: int, channels: int = 1, num_classes: int = 2, switched_off: str = "",
                      train_images: int = 768, val_images: int = 256, batch_size: int = 64, epochs: int = 2,
-                     seed: int = config.DEFAULT_SEED) -> float:
+                     seed: int = config.DEFAULT_SEED, precision: str = "float32") -> float:
     """Training images/s of ``build_model(training_images, fused)`` as lesson 03/04 train it, one overhead off.
 
     ``switched_off`` is one of :data:`OVERHEADS` or empty. One warm-up epoch
     (tracing) is not timed; then ``epochs`` epochs are, validation included.
+    ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``).
     """
     import keras
     from tensorflow.python.framework import config as tf_config
@@ -136,6 +144,7 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     set_determinism(seed)
     if switched_off == "determinism":
         tf_config.disable_op_determinism()
+    keras.mixed_precision.set_global_policy(precision)
     try:
         train = _toy_split(train_images, side, channels, num_classes, seed)
         val = _toy_split(val_images, side, channels, num_classes, seed + 1)
@@ -153,12 +162,13 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
         seconds = time.perf_counter() - started
     finally:
         tf_config.enable_op_determinism()
+        keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()
     return train_images * epochs / seconds
 
 
 def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2, batch_size: int = 64,
-                 repeats: int = 20, seed: int = config.DEFAULT_SEED) -> float:
+                 repeats: int = 20, seed: int = config.DEFAULT_SEED, precision: str = "float32") -> float:
     """Training images/s of ``build_model``'s bare training step (forward, backward, Adam) on one fixed batch."""
     import keras
     import tensorflow as tf
@@ -167,6 +177,7 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
     from medlab.train import compile_model, set_determinism
 
     set_determinism(seed)
+    keras.mixed_precision.set_global_policy(precision)
     try:
         batch = _toy_split(batch_size, side, channels, num_classes, seed)
         model = compile_model(build_model(batch.images, True), num_classes, metrics="loss")
@@ -182,6 +193,7 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
 
         return batch_size * _rate(step, 1.0, repeats)  # _rate traces with one untimed call
     finally:
+        keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()
 
 
@@ -216,16 +228,14 @@ def _keras_batchnorm(model):
     """The same model with Keras' own BatchNormalization layers (the reference for the fused ones)."""
     import keras
 
-    from medlab.models import FusedBatchNormalization
+    from medlab.models import FusedBatchNormalization, clone_with_weights
 
     def clone(layer):
         if isinstance(layer, FusedBatchNormalization):
             return keras.layers.BatchNormalization.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())
 
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return clone_with_weights(model, clone)
 
 
 def lesson_summary(run_dir: str | Path) -> dict:
@@ -254,23 +264,35 @@ def lesson_summary(run_dir: str | Path) -> dict:
 
 
 def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, epochs: int = 2) -> dict:
-    """The whole speed table: attainable rates, each lesson model's rate and overheads, lesson wall times."""
+    """The whole speed table: attainable rates, each lesson model's rate and overheads, lesson wall times.
+
+    Every model is measured in float32, with the overheads; where lesson 03
+    trains in bfloat16 (a CPU with AMX), its models are measured in bfloat16
+    too (rows ``..._bfloat16``), against the bfloat16 convolution rate.
+    """
+    from medlab.train import cpu_trains_bfloat16
+
     peak = attainable_rates()
-    attainable = peak["attainable_conv2d_gflops"]
+    variants = [("float32", "", peak["attainable_conv2d_gflops"])]
+    if cpu_trains_bfloat16():
+        variants.append(("mixed_bfloat16", "_bfloat16", peak["attainable_conv2d_gflops_bfloat16"]))
     rows = {}
     for name, (build, side, channels) in lesson_models().items():
         train_gflop = 3 * forward_flops(build(np.zeros((2, side, side, channels), np.uint8), True)) / 1e9
-        rate = measure_training(build, side, channels, epochs=epochs)
-        step_rate = measure_step(build, side, channels)
-        row = {"side": side, "train_gflop_per_image": round(train_gflop, 4), "images_per_s": round(rate, 1),
-               "achieved_gflops": round(rate * train_gflop, 1),
-               "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1),
-               "step_images_per_s": round(step_rate, 1),
-               "step_percent_of_attainable": round(100 * step_rate * train_gflop / attainable, 1)}
-        for overhead in OVERHEADS if overheads else ():
-            without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs)
-            row[f"without_{overhead}_images_per_s"] = round(without, 1)
-        rows[name] = row
+        for precision, suffix, attainable in variants:
+            if suffix and not name.startswith("scratch_cnn"):
+                continue  # lessons 04-05 train MobileNetV2 in float32: slower in bfloat16 (its depthwise convolutions)
+            rate = measure_training(build, side, channels, epochs=epochs, precision=precision)
+            step_rate = measure_step(build, side, channels, precision=precision)
+            row = {"side": side, "precision": precision, "train_gflop_per_image": round(train_gflop, 4),
+                   "images_per_s": round(rate, 1), "achieved_gflops": round(rate * train_gflop, 1),
+                   "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1),
+                   "step_images_per_s": round(step_rate, 1),
+                   "step_percent_of_attainable": round(100 * step_rate * train_gflop / attainable, 1)}
+            for overhead in OVERHEADS if overheads and not suffix else ():
+                without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs)
+                row[f"without_{overhead}_images_per_s"] = round(without, 1)
+            rows[name + suffix] = row
     return {"cpu_count": config.cpu_count(), "attainable": peak, "models": rows,
             "lessons": lesson_summary(run_dir) if run_dir else {}}
 
@@ -280,7 +302,11 @@ def markdown(result: dict) -> str:
     peak = result["attainable"]
     lines = [f"Attainable on this machine ({result['cpu_count']} cores): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
              "3x3 Conv2D forward+backward " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops"].items())
-             + f" GFLOP/s (best {peak['attainable_conv2d_gflops']:.0f}).", ""]
+             + f" GFLOP/s (best {peak['attainable_conv2d_gflops']:.0f})."]
+    if "conv2d_train_gflops_bfloat16" in peak:
+        lines[0] += " In bfloat16: " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops_bfloat16"].items()) \
+            + f" GFLOP/s (best {peak['attainable_conv2d_gflops_bfloat16']:.0f}); the `_bfloat16` rows' % is of that."
+    lines.append("")
     steps = all("step_images_per_s" in row for row in result["models"].values())
     header = ["model", "GFLOP/image (train)", "images/s", "GFLOP/s", "% of conv"]
     header += ["step alone images/s", "step alone % of conv"] if steps else []
@@ -291,7 +317,8 @@ def markdown(result: dict) -> str:
         cells = [name, f"{row['train_gflop_per_image']:.3f}", f"{row['images_per_s']:.0f}",
                  f"{row['achieved_gflops']:.0f}", f"{row['percent_of_attainable']:.0f}%"]
         cells += [f"{row['step_images_per_s']:.0f}", f"{row['step_percent_of_attainable']:.0f}%"] if steps else []
-        cells += [f"{row[f'without_{o}_images_per_s']:.0f}" for o in overheads]
+        cells += [f"{row[f'without_{o}_images_per_s']:.0f}" if f"without_{o}_images_per_s" in row else "-"
+                  for o in overheads]
         lines.append("| " + " | ".join(cells) + " |")
     lessons = result.get("lessons") or {}
     if lessons:

@@ -40,14 +40,37 @@ def devices_used() -> dict:
             "cpu_count": config.cpu_count(), "precision": keras.mixed_precision.global_policy().name}
 
 
-def set_mixed_precision(requested: bool) -> str:
-    """Mixed precision (float16 compute, float32 weights) when requested and a GPU is present, else float32.
+def cpu_trains_bfloat16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Intel Xeon Sapphire Rapids and later), where bfloat16 pays.
 
-    On a CPU float16 arithmetic is emulated and slower, so the request is
-    ignored there. Call before building the model; the models' output layers
-    stay float32 either way. Returns the Keras policy now in force.
+    oneDNN runs bfloat16 convolutions there on the matrix tiles: a 3x3 Conv2D
+    forward and backward ran at 2-3 times its float32 rate (``medlab bench
+    speed`` measures both). Other CPUs emulate bfloat16 or convert it, and are
+    no faster.
     """
-    policy = "mixed_float16" if requested and tf.config.list_logical_devices("GPU") else "float32"
+    return "amx_bf16" in (config.cpu_flags() or set())
+
+
+def set_mixed_precision(requested: bool, cpu_bfloat16: bool = False) -> str:
+    """Set the Keras precision policy to train in, and return its name.
+
+    When requested: ``mixed_float16`` on a GPU; ``mixed_bfloat16`` on a CPU
+    with AMX-BF16 if ``cpu_bfloat16`` (see :func:`cpu_trains_bfloat16`);
+    otherwise ``float32``, since emulated half precision is slower. Weights
+    stay float32 and the output layers compute in float32 either way, and
+    :func:`train_model` saves a model trained in bfloat16 as a float32 one,
+    so what is evaluated and exported does not depend on the CPU that trained
+    it. Lesson 03 asks for bfloat16 (its scratch CNN trained about twice as
+    fast at 64 px); lessons 04-05 do not, because MobileNetV2's depthwise
+    convolutions trained about twice as slowly in bfloat16 on the same CPU.
+    Call before building the model.
+    """
+    if requested and tf.config.list_logical_devices("GPU"):
+        policy = "mixed_float16"
+    elif requested and cpu_bfloat16 and cpu_trains_bfloat16():
+        policy = "mixed_bfloat16"
+    else:
+        policy = "float32"
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
@@ -264,7 +287,26 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
         "devices": devices_used(),
     }
     write_json(folder.training, summary)
+    if computes_in_bfloat16(model):
+        save_float32(folder.checkpoint)
     return table
+
+
+def computes_in_bfloat16(model: keras.Model) -> bool:
+    """Whether any of ``model``'s layers computes in bfloat16 (trained under ``mixed_bfloat16``)."""
+    return any(layer.compute_dtype == "bfloat16" for layer in model.layers)
+
+
+def save_float32(checkpoint: str | Path) -> None:
+    """Rewrite a ``.keras`` checkpoint trained in bfloat16 as a float32 model (same weights).
+
+    bfloat16 speeds up training on CPUs with AMX (:func:`set_mixed_precision`);
+    the saved model computes in float32, so it predicts the same on every CPU
+    and exports to TFLite as any other.
+    """
+    from medlab.models import as_float32, load_model
+
+    as_float32(load_model(checkpoint)).save(checkpoint)
 
 
 def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -325,6 +367,8 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
     for layer in head_layers:
         layer.set_weights(best_head.get_layer(layer.name).get_weights())
     model.save(folder.checkpoint)
+    if computes_in_bfloat16(model):
+        save_float32(folder.checkpoint)
     training = read_json(folder.training)
     training.update({"head_on_cached_features": True, "augmented_copies": copies - 1,
                      "feature_seconds": round(feature_seconds, 1), "parameters": int(model.count_params()),

@@ -261,6 +261,66 @@ def test_fused_batchnorm_trains_like_keras_batchnorm():
     np.testing.assert_allclose(fused_bn(inputs, training=False), keras_bn(inputs, training=False), atol=1e-5)
 
 
+def test_fused_batchnorm_takes_bfloat16_without_casting_it():
+    """Under mixed_bfloat16 the fused kernel normalises bfloat16 activations as they are, with float32 statistics."""
+    import tensorflow as tf
+
+    inputs = np.random.default_rng(0).normal(2.0, 3.0, (8, 5, 5, 4)).astype("float32")
+    reference = models.FusedBatchNormalization(momentum=0.9)
+    half = models.FusedBatchNormalization(momentum=0.9, dtype="mixed_bfloat16")
+    outputs = [layer(tf.cast(inputs, layer.compute_dtype), training=True) for layer in (reference, half)]
+    assert outputs[1].dtype == tf.bfloat16 and half.moving_mean.dtype == "float32"
+    np.testing.assert_allclose(tf.cast(outputs[1], tf.float32), outputs[0], atol=0.05)  # bfloat16: 8 bits
+    np.testing.assert_allclose(half.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=0.02, atol=0.01)
+    np.testing.assert_allclose(half.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=0.02)
+    graph = tf.function(lambda x: half(x, training=True)).get_concrete_function(
+        tf.TensorSpec(inputs.shape, tf.bfloat16)).graph
+    casts = [op for op in graph.get_operations() if op.type == "Cast"]
+    assert casts and not [op for op in casts if tf.bfloat16 in (op.get_attr("SrcT"), op.get_attr("DstT"))]
+
+
+def test_as_float32_makes_a_bfloat16_model_compute_in_float32():
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype("uint8")
+    with models.global_dtype_policy("mixed_bfloat16"):
+        half = models.build_scratch_cnn((32, 32, 1), 4, images, filters=(4, 8), dense_units=8)
+        full = models.as_float32(half)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # restored
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert half.get_layer("block1_conv").compute_dtype == "bfloat16"
+    assert {layer.compute_dtype for layer in full.layers} == {"float32"}
+    assert [layer.name for layer in full.layers] == [layer.name for layer in half.layers]
+    batch = images.astype("float32")
+    np.testing.assert_allclose(full.predict(batch, verbose=0), half.predict(batch, verbose=0), atol=0.03)
+    same = models.as_float32(full)
+    np.testing.assert_array_equal(same.predict(batch, verbose=0), full.predict(batch, verbose=0))
+
+
+def test_averaged_views_of_float32_models_stay_float32_under_a_bfloat16_policy():
+    """Lesson 03 trains in bfloat16 on a CPU with AMX and then builds the test-time-view model from float32 members."""
+    from medlab.export import logit_model
+
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype("uint8")
+    members = [models.build_scratch_cnn((32, 32, 1), 2, images, filters=(4,), dense_units=4) for _ in range(2)]
+    reference = models.average_models(members, views=models.test_time_views((32, 32, 1)))
+    with models.global_dtype_policy("mixed_bfloat16"):
+        averaged = models.average_models(members, views=models.test_time_views((32, 32, 1)))
+        logits, _activation = logit_model(members[0])
+    assert {layer.compute_dtype for layer in averaged.layers} == {"float32"}
+    assert {layer.compute_dtype for layer in logits.layers} == {"float32"}
+    batch = images.astype("float32")
+    np.testing.assert_array_equal(averaged.predict(batch, verbose=0), reference.predict(batch, verbose=0))
+
+
+def test_clone_with_weights_keeps_an_adapted_normalization():
+    """set_weights alone leaves a cloned Normalization layer at mean 0: the clone would see raw pixels."""
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype("uint8")
+    model = models.build_scratch_cnn((32, 32, 1), 2, images, filters=(4,), dense_units=4)
+    copy = models.clone_with_weights(model, lambda layer: layer.__class__.from_config(layer.get_config()))
+    assert float(copy.get_layer("normalization").mean.numpy().ravel()[0]) == pytest.approx(images.mean(), rel=1e-4)
+    batch = images.astype("float32")
+    np.testing.assert_array_equal(copy.predict(batch, verbose=0), model.predict(batch, verbose=0))
+
+
 def test_with_fused_batchnorm_keeps_weights_names_and_predictions():
     model, _ = build_transfer_model((32, 32, 1), 2, weights=None, backbone_size=32)
     fused = models.with_fused_batchnorm(model)

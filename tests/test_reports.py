@@ -112,6 +112,10 @@ def test_model_card_and_headline_from_evaluation_record():
     assert "pretrained: false" in card and "chance is 0.030" in card
     rows = reports.headline_rows(metrics)
     assert [row["model"] for row in rows] == ["scratch_cnn", "transfer"]
+    assert "Training precision" not in card  # no machine record: nothing claimed
+    metrics["machine"] = {"training_precision": ["float32", "mixed_bfloat16"]}
+    assert "Training precision: float32, mixed_bfloat16 (`mixed_bfloat16`: a CPU with AMX-BF16" in \
+        reports.model_card(metrics)
 
 
 def test_a_corrupt_image_stops_the_real_lessons_clearly_and_the_switch_lists_it(tmp_path, monkeypatch):

@@ -49,6 +49,19 @@ def test_measure_step_times_a_training_step_that_learns():
     assert int(model.optimizer.iterations.numpy()) == 1 + 2  # traced once, then timed: the weights moved
 
 
+def test_measure_step_trains_in_the_precision_asked_for():
+    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
+    calls = []
+
+    def recording_build(images, fused):
+        calls.append(build(images, fused))
+        return calls[-1]
+
+    assert speed.measure_step(recording_build, side, channels, batch_size=8, repeats=1, precision="mixed_bfloat16") > 0
+    assert calls[0].get_layer("block1_conv").compute_dtype == "bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # set back for whatever runs next
+
+
 def test_measure_training_refuses_unknown_overheads():
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
     with pytest.raises(ValueError, match="switched_off"):
@@ -83,7 +96,17 @@ def test_lesson_summary_and_markdown(tmp_path):
                                               "step_images_per_s": 700.0, "step_percent_of_attainable": 65.2}}}
     table = speed.markdown(result)
     assert "| scratch_cnn_64px | 0.233 | 500 | 116 | 47% | 700 | 65% | 510 |" in table
+    assert "bfloat16" not in table  # a CPU without AMX: float32 only
+    result["attainable"].update({"conv2d_train_gflops_bfloat16": {"32px_32to64": 800.0},
+                                 "attainable_conv2d_gflops_bfloat16": 800.0})
+    result["models"]["scratch_cnn_64px_bfloat16"] = {
+        "side": 64, "precision": "mixed_bfloat16", "train_gflop_per_image": 0.233, "images_per_s": 1000.0,
+        "achieved_gflops": 233.0, "percent_of_attainable": 29.1, "step_images_per_s": 1500.0,
+        "step_percent_of_attainable": 43.7}
+    with_bfloat16 = speed.markdown(result)
+    assert "In bfloat16: 32px_32to64 800 GFLOP/s (best 800)" in with_bfloat16
+    assert "| scratch_cnn_64px_bfloat16 | 0.233 | 1000 | 233 | 29% | 1500 | 44% | - |" in with_bfloat16
     assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table
     json_path, markdown_path = speed.write_results(result, tmp_path / "bench")
     assert json.loads(json_path.read_text())["models"]["scratch_cnn_64px"]["images_per_s"] == 500.0
-    assert markdown_path.read_text().strip() == table
+    assert markdown_path.read_text().strip() == with_bfloat16

@@ -255,6 +255,42 @@ def test_frozen_head_trains_on_cached_features_and_saves_one_model(tiny, tmp_pat
         train_frozen_head(unfrozen, tiny, tmp_path / "x", TrainConfig(max_epochs=1))
 
 
+def test_bfloat16_is_chosen_only_when_asked_for_on_a_cpu_with_amx(monkeypatch):
+    from medlab import config
+    from medlab.train import set_mixed_precision
+
+    try:
+        for flags, requested, cpu_bfloat16, policy in (
+                ({"avx512f", "amx_bf16"}, True, True, "mixed_bfloat16"),
+                ({"avx512f", "amx_bf16"}, True, False, "float32"),  # lessons 04-05: MobileNetV2 is slower in it
+                ({"avx512f", "amx_bf16"}, False, True, "float32"),
+                ({"avx512f", "avx512_bf16"}, True, True, "float32"),  # no AMX tiles: not measured faster
+                (None, True, True, "float32")):  # flags unknown (not Linux)
+            monkeypatch.setattr(config, "cpu_flags", lambda flags=flags: flags)
+            assert set_mixed_precision(requested, cpu_bfloat16=cpu_bfloat16) == policy
+            assert keras.mixed_precision.global_policy().name == policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_model_trained_in_bfloat16_is_saved_in_float32(tiny, tmp_path):
+    from medlab.models import load_model
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what lesson 03 gets on a CPU with AMX
+    try:
+        model, _history = _one_epoch(tiny, tmp_path / "half")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("block1_conv").compute_dtype == "bfloat16"
+    saved = load_model(tmp_path / "half" / "best.keras")
+    assert {layer.compute_dtype for layer in saved.layers} == {"float32"}
+    assert json.loads((tmp_path / "half" / "training.json").read_text())["devices"]["precision"] == "mixed_bfloat16"
+    images = tiny.val.images.astype("float32")
+    np.testing.assert_allclose(saved.predict(images, verbose=0), model.predict(images, verbose=0), atol=0.03)
+    for trained, kept in zip(model.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(trained, kept)  # restore_best_weights: the checkpoint's epoch
+
+
 def test_mixed_precision_is_float32_on_a_cpu_and_outputs_stay_float32():
     import tensorflow as tf
 
@@ -265,7 +301,7 @@ def test_mixed_precision_is_float32_on_a_cpu_and_outputs_stay_float32():
     images = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 1)).astype("uint8")
     labels = np.arange(16) % 2
     try:
-        assert set_mixed_precision(True) == "float32"  # requested, but no GPU: float32
+        assert set_mixed_precision(True) == "float32"  # requested, but no GPU (and bfloat16 not asked for): float32
         assert devices_used()["gpus"] == [] and devices_used()["precision"] == "float32"
         model = compile_model(build_scratch_cnn((16, 16, 1), 2, images, filters=(4,), dense_units=4), 2)
         model.fit(images.astype("float32"), labels.astype("float32"), epochs=1, verbose=0)
