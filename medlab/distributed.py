@@ -36,6 +36,7 @@ import pandas as pd
 import tensorflow as tf
 
 from medlab.data import Dataset, make_tf_dataset
+from medlab.models import keep_checkpoint_float32
 from medlab.runs import ModelFolder, write_json
 
 
@@ -127,10 +128,7 @@ def train_distributed(model: keras.Model, dataset: Dataset, model_dir: str | Pat
             if waited >= cfg.early_stopping_patience:
                 break
     model.set_weights(best)
-    from medlab.train import computes_in_bfloat16, save_float32
-
-    if computes_in_bfloat16(model):
-        save_float32(folder.checkpoint)
+    keep_checkpoint_float32(model, folder.checkpoint)
     table = pd.DataFrame(history).set_index("epoch")
     table.to_csv(folder.history)
     monitor = f"val_{cfg.monitor}"

@@ -242,6 +242,16 @@ def _format(value) -> str:
     return str(value)
 
 
+def _precision_lines(metrics: dict) -> list[str]:
+    """The model card's note on a training precision other than float32, which other hardware would not repeat."""
+    precisions = (metrics.get("machine") or {}).get("training_precision") or []
+    if all(precision == "float32" for precision in precisions):
+        return []
+    return [f"Training precision: {', '.join(precisions)} (`mixed_bfloat16`: a CPU with AMX-BF16, "
+            "`mixed_float16`: a GPU). On other hardware the same seeds train in float32 and give slightly "
+            "different numbers; the saved models compute in float32 (bfloat16) or as trained (float16).", ""]
+
+
 def model_card(metrics: dict) -> str:
     """A markdown model card written from the same numbers as metrics.json."""
     dataset = metrics.get("dataset") or {}
@@ -298,11 +308,7 @@ def model_card(metrics: dict) -> str:
         f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "
         f"(seeded; versions in metrics.json).", "",
     ]
-    precisions = (metrics.get("machine") or {}).get("training_precision") or []
-    if any(precision != "float32" for precision in precisions):
-        lines += [f"Training precision: {', '.join(precisions)} (`mixed_bfloat16`: a CPU with AMX-BF16, "
-                  "`mixed_float16`: a GPU). On other hardware the same seeds train in float32 and give slightly "
-                  "different numbers; the saved models compute in float32 (bfloat16) or as trained (float16).", ""]
+    lines += _precision_lines(metrics)
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from medlab import config
 from medlab.data import Dataset, Split, make_tf_dataset
+from medlab.models import keep_checkpoint_float32
 from medlab.runs import ModelFolder, read_json, write_json
 
 
@@ -287,26 +288,8 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
         "devices": devices_used(),
     }
     write_json(folder.training, summary)
-    if computes_in_bfloat16(model):
-        save_float32(folder.checkpoint)
+    keep_checkpoint_float32(model, folder.checkpoint)
     return table
-
-
-def computes_in_bfloat16(model: keras.Model) -> bool:
-    """Whether any of ``model``'s layers computes in bfloat16 (trained under ``mixed_bfloat16``)."""
-    return any(layer.compute_dtype == "bfloat16" for layer in model.layers)
-
-
-def save_float32(checkpoint: str | Path) -> None:
-    """Rewrite a ``.keras`` checkpoint trained in bfloat16 as a float32 model (same weights).
-
-    bfloat16 speeds up training on CPUs with AMX (:func:`set_mixed_precision`);
-    the saved model computes in float32, so it predicts the same on every CPU
-    and exports to TFLite as any other.
-    """
-    from medlab.models import as_float32, load_model
-
-    as_float32(load_model(checkpoint)).save(checkpoint)
 
 
 def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -367,8 +350,7 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
     for layer in head_layers:
         layer.set_weights(best_head.get_layer(layer.name).get_weights())
     model.save(folder.checkpoint)
-    if computes_in_bfloat16(model):
-        save_float32(folder.checkpoint)
+    keep_checkpoint_float32(model, folder.checkpoint)
     training = read_json(folder.training)
     training.update({"head_on_cached_features": True, "augmented_copies": copies - 1,
                      "feature_seconds": round(feature_seconds, 1), "parameters": int(model.count_params()),
