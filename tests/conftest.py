@@ -20,6 +20,16 @@ def isolated_dirs(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _cpu_runs_bfloat16() -> bool:
+    from medlab import config
+
+    return "avx512bw" in (config.cpu_flags() or set())  # oneDNN's bfloat16 kernels need AVX-512 (emulated below AMX)
+
+
+# Tests that compute in bfloat16 on purpose: oneDNN runs it on AVX-512 CPUs (every machine seen here), not on AVX2.
+needs_bfloat16 = pytest.mark.skipif(not _cpu_runs_bfloat16(), reason="this CPU has no AVX-512 for bfloat16 kernels")
+
+
 def write_image(path: Path, value: int, size=(20, 16), mode: str = "L", fmt: str | None = None) -> Path:
     """A flat image of brightness ``value`` with a small bright square, saved in ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True)

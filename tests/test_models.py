@@ -2,6 +2,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from conftest import needs_bfloat16
 from keras.src.legacy.saving import legacy_h5_format
 
 from medlab import models
@@ -261,6 +262,7 @@ def test_fused_batchnorm_trains_like_keras_batchnorm():
     np.testing.assert_allclose(fused_bn(inputs, training=False), keras_bn(inputs, training=False), atol=1e-5)
 
 
+@needs_bfloat16
 def test_fused_batchnorm_takes_bfloat16_without_casting_it():
     """Under mixed_bfloat16 the fused kernel normalises bfloat16 activations as they are, with float32 statistics."""
     import tensorflow as tf
@@ -279,6 +281,7 @@ def test_fused_batchnorm_takes_bfloat16_without_casting_it():
     assert casts and not [op for op in casts if tf.bfloat16 in (op.get_attr("SrcT"), op.get_attr("DstT"))]
 
 
+@needs_bfloat16
 def test_as_float32_makes_a_bfloat16_model_compute_in_float32():
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype("uint8")
     with models.global_dtype_policy("mixed_bfloat16"):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import needs_bfloat16
 
 from medlab import speed
 from medlab.models import build_scratch_cnn
@@ -49,6 +50,7 @@ def test_measure_step_times_a_training_step_that_learns():
     assert int(model.optimizer.iterations.numpy()) == 1 + 2  # traced once, then timed: the weights moved
 
 
+@needs_bfloat16
 def test_measure_step_trains_in_the_precision_asked_for():
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
     calls = []

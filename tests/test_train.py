@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import needs_bfloat16
 
 from medlab.augment import build_augmentation
 from medlab.data import load_dataset
@@ -273,6 +274,7 @@ def test_bfloat16_is_chosen_only_when_asked_for_on_a_cpu_with_amx(monkeypatch):
         keras.mixed_precision.set_global_policy("float32")
 
 
+@needs_bfloat16
 def test_a_model_trained_in_bfloat16_is_saved_in_float32(tiny, tmp_path):
     from medlab.models import load_model
 
