@@ -36,7 +36,8 @@ def test_measure_training_runs_each_variant(switched_off):
     assert tf_config.is_op_determinism_enabled()  # switched back on for everything after
 
 
-def test_measure_step_times_a_training_step_that_learns():
+@pytest.mark.parametrize("precision", ["float32", pytest.param("mixed_bfloat16", marks=needs_bfloat16)])
+def test_measure_step_times_a_training_step_that_learns(precision):
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
     calls = []
 
@@ -44,23 +45,11 @@ def test_measure_step_times_a_training_step_that_learns():
         calls.append(build(images, fused))
         return calls[-1]
 
-    rate = speed.measure_step(recording_build, side, channels, batch_size=8, repeats=2)
+    rate = speed.measure_step(recording_build, side, channels, batch_size=8, repeats=2, precision=precision)
     assert rate > 0
     model = calls[0]
     assert int(model.optimizer.iterations.numpy()) == 1 + 2  # traced once, then timed: the weights moved
-
-
-@needs_bfloat16
-def test_measure_step_trains_in_the_precision_asked_for():
-    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
-    calls = []
-
-    def recording_build(images, fused):
-        calls.append(build(images, fused))
-        return calls[-1]
-
-    assert speed.measure_step(recording_build, side, channels, batch_size=8, repeats=1, precision="mixed_bfloat16") > 0
-    assert calls[0].get_layer("block1_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("block1_conv").compute_dtype == ("float32" if precision == "float32" else "bfloat16")
     assert keras.mixed_precision.global_policy().name == "float32"  # set back for whatever runs next
 
 
