@@ -137,6 +137,7 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
 
     from medlab.augment import build_augmentation
     from medlab.data import make_tf_dataset
+    from medlab.models import global_dtype_policy
     from medlab.train import PreciseBatchNorm, compile_model, set_determinism
 
     if switched_off and switched_off not in OVERHEADS:
@@ -144,26 +145,25 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     set_determinism(seed)
     if switched_off == "determinism":
         tf_config.disable_op_determinism()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        train = _toy_split(train_images, side, channels, num_classes, seed)
-        val = _toy_split(val_images, side, channels, num_classes, seed + 1)
-        model = build_model(train.images, switched_off != "fused_batchnorm")
-        compile_model(model, num_classes, metrics="loss" if switched_off == "metrics" else "training")
-        augmentation = None if switched_off == "augmentation" else build_augmentation(seed=seed)
-        train_data = make_tf_dataset(train, num_classes, batch_size, shuffle=True, seed=seed,
-                                     augmentation=augmentation)
-        val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
-        callbacks = [] if switched_off in ("precise_bn", "validation") else [
-            PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
-        model.fit(train_data, validation_data=val_data, epochs=1, callbacks=callbacks, verbose=0)
-        started = time.perf_counter()
-        model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
-        seconds = time.perf_counter() - started
-    finally:
-        tf_config.enable_op_determinism()
-        keras.mixed_precision.set_global_policy("float32")
-        keras.backend.clear_session()
+    with global_dtype_policy(precision):  # back to the caller's policy afterwards
+        try:
+            train = _toy_split(train_images, side, channels, num_classes, seed)
+            val = _toy_split(val_images, side, channels, num_classes, seed + 1)
+            model = build_model(train.images, switched_off != "fused_batchnorm")
+            compile_model(model, num_classes, metrics="loss" if switched_off == "metrics" else "training")
+            augmentation = None if switched_off == "augmentation" else build_augmentation(seed=seed)
+            train_data = make_tf_dataset(train, num_classes, batch_size, shuffle=True, seed=seed,
+                                         augmentation=augmentation)
+            val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
+            callbacks = [] if switched_off in ("precise_bn", "validation") else [
+                PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
+            model.fit(train_data, validation_data=val_data, epochs=1, callbacks=callbacks, verbose=0)
+            started = time.perf_counter()
+            model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+            seconds = time.perf_counter() - started
+        finally:
+            tf_config.enable_op_determinism()
+            keras.backend.clear_session()
     return train_images * epochs / seconds
 
 
@@ -174,27 +174,27 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
     import tensorflow as tf
 
     from medlab.data import make_tf_dataset
+    from medlab.models import global_dtype_policy
     from medlab.train import compile_model, set_determinism
 
     set_determinism(seed)
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        batch = _toy_split(batch_size, side, channels, num_classes, seed)
-        model = compile_model(build_model(batch.images, True), num_classes, metrics="loss")
-        images, labels = next(iter(make_tf_dataset(batch, num_classes, batch_size)))  # as training sees them
-        optimizer = model.optimizer  # compile_model has made its slots: the step's trace does not
+    with global_dtype_policy(precision):  # back to the caller's policy afterwards
+        try:
+            batch = _toy_split(batch_size, side, channels, num_classes, seed)
+            model = compile_model(build_model(batch.images, True), num_classes, metrics="loss")
+            images, labels = next(iter(make_tf_dataset(batch, num_classes, batch_size)))  # as training sees them
+            optimizer = model.optimizer  # compile_model has made its slots: the step's trace does not
 
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                loss = model.compute_loss(x=images, y=labels, y_pred=model(images, training=True))
-            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-            return loss
+            @tf.function
+            def step():
+                with tf.GradientTape() as tape:
+                    loss = model.compute_loss(x=images, y=labels, y_pred=model(images, training=True))
+                optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+                return loss
 
-        return batch_size * _rate(step, 1.0, repeats)  # _rate traces with one untimed call
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-        keras.backend.clear_session()
+            return batch_size * _rate(step, 1.0, repeats)  # _rate traces with one untimed call
+        finally:
+            keras.backend.clear_session()
 
 
 def lesson_models(num_classes: int = 2) -> dict:

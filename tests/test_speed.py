@@ -7,7 +7,7 @@ import pytest
 from conftest import needs_bfloat16
 
 from medlab import speed
-from medlab.models import build_scratch_cnn
+from medlab.models import build_scratch_cnn, global_dtype_policy
 
 
 def test_forward_flops_counts_convolutions_and_dense_layers():
@@ -45,12 +45,13 @@ def test_measure_step_times_a_training_step_that_learns(precision):
         calls.append(build(images, fused))
         return calls[-1]
 
-    rate = speed.measure_step(recording_build, side, channels, batch_size=8, repeats=2, precision=precision)
+    with global_dtype_policy("mixed_float16"):  # the caller's policy, whatever it is, comes back afterwards
+        rate = speed.measure_step(recording_build, side, channels, batch_size=8, repeats=2, precision=precision)
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
     assert rate > 0
     model = calls[0]
     assert int(model.optimizer.iterations.numpy()) == 1 + 2  # traced once, then timed: the weights moved
     assert model.get_layer("block1_conv").compute_dtype == ("float32" if precision == "float32" else "bfloat16")
-    assert keras.mixed_precision.global_policy().name == "float32"  # set back for whatever runs next
 
 
 def test_measure_training_refuses_unknown_overheads():
