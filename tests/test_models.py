@@ -346,6 +346,24 @@ def test_mobilenet_from_scratch_is_fused_and_its_width_is_a_parameter():
     assert frozen_info.frozen and not any(isinstance(layer, models.FusedBatchNormalization) for layer in frozen.layers)
 
 
+@pytest.mark.parametrize("backbone, identity_blocks", [("mobilenet_v2", 10), ("efficientnet_b0", 9), ("resnet50", 12)])
+def test_a_backbone_trained_from_scratch_starts_each_residual_block_as_the_identity(backbone, identity_blocks):
+    model, info = build_transfer_model((32, 32, 1), 2, backbone=backbone, weights=None, backbone_size=32)
+    assert f"Its {identity_blocks} residual blocks start as the identity" in info.message
+    adds = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    probe = keras.Model(model.inputs, [[*layer.input, layer.output] for layer in adds])
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    passed_through = sum(any(np.array_equal(output, shortcut) for shortcut in (first, second))
+                         for first, second, output in probe(images, training=False))
+    assert passed_through == identity_blocks  # ResNet50's 4 projection shortcuts are left alone
+    # A frozen backbone (pretrained, or frozen on request) keeps its scales.
+    frozen, frozen_info = build_transfer_model((32, 32, 1), 2, backbone=backbone, weights=None, backbone_size=32,
+                                               freeze_backbone=True)
+    assert "identity" not in frozen_info.message
+    assert all(np.any(layer.gamma.numpy() != 0) for layer in frozen.layers
+               if isinstance(layer, keras.layers.BatchNormalization) and layer.scale)
+
+
 def test_default_filters_add_a_block_above_32_px():
     from medlab.models import default_filters
 
