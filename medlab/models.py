@@ -84,7 +84,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
-        # bfloat16 (lesson 03 under mixed_bfloat16 on a CPU with AMX) goes to the kernel as it is, with float32
+        # bfloat16 (lesson 03 under mixed_bfloat16 on a CPU with bfloat16 instructions) goes to the kernel as it is, with float32
         # statistics: a cast to float32 and back cost more than the bfloat16 convolutions saved. float16 (a GPU)
         # is cast as before.
         x = inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, tf.float32)
@@ -136,7 +136,7 @@ def computes_in_bfloat16(model: keras.Model) -> bool:
 def keep_checkpoint_float32(model: keras.Model, checkpoint: str | Path) -> None:
     """If ``model`` trained in bfloat16, rewrite its saved ``checkpoint`` as a float32 model (same weights).
 
-    bfloat16 speeds up training on CPUs with AMX (:func:`medlab.train.set_mixed_precision`);
+    bfloat16 speeds up training on CPUs with AMX or AVX512-BF16 (:func:`medlab.train.set_mixed_precision`);
     the saved model computes in float32, so it predicts the same on every CPU
     and exports to TFLite as any other.
     """

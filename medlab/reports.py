@@ -247,7 +247,7 @@ def _precision_lines(metrics: dict) -> list[str]:
     precisions = (metrics.get("machine") or {}).get("training_precision") or []
     if all(precision == "float32" for precision in precisions):
         return []
-    return [f"Training precision: {', '.join(precisions)} (`mixed_bfloat16`: a CPU with AMX-BF16, "
+    return [f"Training precision: {', '.join(precisions)} (`mixed_bfloat16`: a CPU with AMX or AVX512-BF16, "
             "`mixed_float16`: a GPU). On other hardware the same seeds train in float32 and give slightly "
             "different numbers; the saved models compute in float32 (bfloat16) or as trained (float16).", ""]
 

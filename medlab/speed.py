@@ -8,7 +8,7 @@ measured on the same machine in the same run.
   ``Conv2D`` layers, forward plus both backward passes (the work of one
   training step), at the shapes lesson 03's network uses; the best conv rate
   is the yardstick. Also in bfloat16, the yardstick for lesson 03's models
-  where the CPU has AMX and lesson 03 trains in bfloat16 (rows ``_bfloat16``).
+  where the CPU has bfloat16 instructions and lesson 03 trains in bfloat16 (rows ``_bfloat16``).
 - **Achieved rate** of a lesson's model: training images/s (``model.fit``
   epochs after a warm-up epoch, with validation) times the model's training
   FLOPs per image. FLOPs are counted from the layers' output shapes: a
@@ -60,7 +60,7 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64) -> dict:
     """GFLOP/s of a large matmul and of 3x3 Conv2D forward+backward at :data:`CONV_SHAPES`, float32 and bfloat16.
 
     The bfloat16 convolutions are the yardstick for a model trained under
-    ``mixed_bfloat16`` (lesson 03 on a CPU with AMX, :func:`medlab.train.set_mixed_precision`).
+    ``mixed_bfloat16`` (lesson 03 on a CPU with bfloat16 instructions, :func:`medlab.train.set_mixed_precision`).
     """
     import tensorflow as tf
 
@@ -267,7 +267,7 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     """The whole speed table: attainable rates, each lesson model's rate and overheads, lesson wall times.
 
     Every model is measured in float32, with the overheads; where lesson 03
-    trains in bfloat16 (a CPU with AMX), its models are measured in bfloat16
+    trains in bfloat16 (a CPU with AMX or AVX512-BF16), its models are measured in bfloat16
     too (rows ``..._bfloat16``), against the bfloat16 convolution rate.
     """
     from medlab.train import cpu_trains_bfloat16

@@ -41,22 +41,27 @@ def devices_used() -> dict:
             "cpu_count": config.cpu_count(), "precision": keras.mixed_precision.global_policy().name}
 
 
-def cpu_trains_bfloat16() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (Intel Xeon Sapphire Rapids and later), where bfloat16 pays.
+BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
 
-    oneDNN runs bfloat16 convolutions there on the matrix tiles: a 3x3 Conv2D
-    forward and backward ran at 2-3 times its float32 rate (``medlab bench
-    speed`` measures both). Other CPUs emulate bfloat16 or convert it, and are
-    no faster.
+
+def cpu_trains_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic, where training in bfloat16 pays.
+
+    That is AMX-BF16 matrix tiles (``amx_bf16``: Intel Xeon Sapphire Rapids and
+    later) or AVX512-BF16 dot products (``avx512_bf16``: AMD Zen 4 and later,
+    Intel Cooper Lake). oneDNN runs bfloat16 convolutions on them: a 3x3
+    Conv2D forward and backward ran at 2-3 times its float32 rate with AMX and
+    1.6-2 times on a Zen 5 EPYC with AVX512-BF16 (``medlab bench speed``
+    measures both). Other CPUs emulate bfloat16 and are no faster.
     """
-    return "amx_bf16" in (config.cpu_flags() or set())
+    return any(flag in (config.cpu_flags() or set()) for flag in BFLOAT16_FLAGS)
 
 
 def set_mixed_precision(requested: bool, cpu_bfloat16: bool = False) -> str:
     """Set the Keras precision policy to train in, and return its name.
 
     When requested: ``mixed_float16`` on a GPU; ``mixed_bfloat16`` on a CPU
-    with AMX-BF16 if ``cpu_bfloat16`` (see :func:`cpu_trains_bfloat16`);
+    with bfloat16 arithmetic if ``cpu_bfloat16`` (see :func:`cpu_trains_bfloat16`);
     otherwise ``float32``, since emulated half precision is slower. Weights
     stay float32 and the output layers compute in float32 either way, and
     :func:`train_model` saves a model trained in bfloat16 as a float32 one,

@@ -23,7 +23,7 @@ def isolated_dirs(tmp_path, monkeypatch):
 def _cpu_runs_bfloat16() -> bool:
     from medlab import config
 
-    return "avx512bw" in (config.cpu_flags() or set())  # oneDNN's bfloat16 kernels need AVX-512 (emulated below AMX)
+    return "avx512bw" in (config.cpu_flags() or set())  # oneDNN's bfloat16 kernels need AVX-512 (emulated without AVX512-BF16 or AMX)
 
 
 # Tests that compute in bfloat16 on purpose: oneDNN runs it on AVX-512 CPUs (every machine seen here), not on AVX2.

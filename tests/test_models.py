@@ -299,7 +299,7 @@ def test_as_float32_makes_a_bfloat16_model_compute_in_float32():
 
 
 def test_averaged_views_of_float32_models_stay_float32_under_a_bfloat16_policy():
-    """Lesson 03 trains in bfloat16 on a CPU with AMX and then builds the test-time-view model from float32 members."""
+    """Lesson 03 trains in bfloat16 on a CPU with bfloat16 instructions and then builds the test-time-view model from float32 members."""
     from medlab.export import logit_model
 
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype("uint8")

@@ -114,7 +114,7 @@ def test_model_card_and_headline_from_evaluation_record():
     assert [row["model"] for row in rows] == ["scratch_cnn", "transfer"]
     assert "Training precision" not in card  # no machine record: nothing claimed
     metrics["machine"] = {"training_precision": ["float32", "mixed_bfloat16"]}
-    assert "Training precision: float32, mixed_bfloat16 (`mixed_bfloat16`: a CPU with AMX-BF16" in \
+    assert "Training precision: float32, mixed_bfloat16 (`mixed_bfloat16`: a CPU with AMX or AVX512-BF16" in \
         reports.model_card(metrics)
 
 

@@ -88,7 +88,7 @@ def test_lesson_summary_and_markdown(tmp_path):
                                               "step_images_per_s": 700.0, "step_percent_of_attainable": 65.2}}}
     table = speed.markdown(result)
     assert "| scratch_cnn_64px | 0.233 | 500 | 116 | 47% | 700 | 65% | 510 |" in table
-    assert "bfloat16" not in table  # a CPU without AMX: float32 only
+    assert "bfloat16" not in table  # a CPU without bfloat16 instructions: float32 only
     result["attainable"].update({"conv2d_train_gflops_bfloat16": {"32px_32to64": 800.0},
                                  "attainable_conv2d_gflops_bfloat16": 800.0})
     result["models"]["scratch_cnn_64px_bfloat16"] = {

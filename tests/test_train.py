@@ -256,7 +256,7 @@ def test_frozen_head_trains_on_cached_features_and_saves_one_model(tiny, tmp_pat
         train_frozen_head(unfrozen, tiny, tmp_path / "x", TrainConfig(max_epochs=1))
 
 
-def test_bfloat16_is_chosen_only_when_asked_for_on_a_cpu_with_amx(monkeypatch):
+def test_bfloat16_is_chosen_only_when_asked_for_on_a_cpu_with_bfloat16_arithmetic(monkeypatch):
     from medlab import config
     from medlab.train import set_mixed_precision
 
@@ -265,7 +265,8 @@ def test_bfloat16_is_chosen_only_when_asked_for_on_a_cpu_with_amx(monkeypatch):
                 ({"avx512f", "amx_bf16"}, True, True, "mixed_bfloat16"),
                 ({"avx512f", "amx_bf16"}, True, False, "float32"),  # lessons 04-05: MobileNetV2 is slower in it
                 ({"avx512f", "amx_bf16"}, False, True, "float32"),
-                ({"avx512f", "avx512_bf16"}, True, True, "float32"),  # no AMX tiles: not measured faster
+                ({"avx512f", "avx512_bf16"}, True, True, "mixed_bfloat16"),  # AVX512-BF16 (AMD Zen 4 and later)
+                ({"avx512f", "avx512_vnni"}, True, True, "float32"),  # AVX-512 without bfloat16 instructions
                 (None, True, True, "float32")):  # flags unknown (not Linux)
             monkeypatch.setattr(config, "cpu_flags", lambda flags=flags: flags)
             assert set_mixed_precision(requested, cpu_bfloat16=cpu_bfloat16) == policy
@@ -278,7 +279,7 @@ def test_bfloat16_is_chosen_only_when_asked_for_on_a_cpu_with_amx(monkeypatch):
 def test_a_model_trained_in_bfloat16_is_saved_in_float32(tiny, tmp_path):
     from medlab.models import load_model
 
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what lesson 03 gets on a CPU with AMX
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what lesson 03 gets on a CPU with bfloat16 instructions
     try:
         model, _history = _one_epoch(tiny, tmp_path / "half")
     finally:
