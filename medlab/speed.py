@@ -153,13 +153,16 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
             compile_model(model, num_classes, metrics="loss" if switched_off == "metrics" else "training")
             augmentation = None if switched_off == "augmentation" else build_augmentation(seed=seed)
             train_data = make_tf_dataset(train, num_classes, batch_size, shuffle=True, seed=seed,
-                                         augmentation=augmentation)
+                                         augmentation=augmentation, repeat=True)  # as train_model
+            steps = -(-train_images // batch_size)
             val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
             callbacks = [] if switched_off in ("precise_bn", "validation") else [
                 PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
-            model.fit(train_data, validation_data=val_data, epochs=1, callbacks=callbacks, verbose=0)
+            model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=steps, callbacks=callbacks,
+                      verbose=0)
             started = time.perf_counter()
-            model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+            model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
+                      callbacks=callbacks, verbose=0)
             seconds = time.perf_counter() - started
         finally:
             tf_config.enable_op_determinism()

@@ -268,11 +268,12 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     folder = ModelFolder(Path(model_dir)).create()
     num_classes = dataset.info.num_classes
     train_data = make_tf_dataset(dataset.train, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                 augmentation=augmentation)
+                                 augmentation=augmentation, repeat=True)  # one iterator for every epoch
     val_data = make_tf_dataset(dataset.val, num_classes, cfg.batch_size)
     class_weight = dataset.class_weights() if cfg.class_weighting else None
     started = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs,
+                        steps_per_epoch=-(-len(dataset.train) // cfg.batch_size),
                         callbacks=make_callbacks(folder, cfg, dataset.train.images) + list(callbacks or []),
                         class_weight=class_weight,
                         verbose=verbose,

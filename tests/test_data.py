@@ -138,6 +138,18 @@ def test_tf_dataset_shuffle_is_seeded(tiny_npz):
     assert sorted(first_pixels(3)) == sorted(first_pixels(4))
 
 
+def test_repeated_tf_dataset_reshuffles_each_pass_in_whole_batches(tiny_npz):
+    dataset = load_dataset(tiny_npz)  # 40 training images: batches of 16, 16 and 8 in each pass
+    passes = make_tf_dataset(dataset.train, 2, 16, shuffle=True, seed=3)
+    expected = [x.numpy()[:, 0, 0, 0] for _ in range(3) for x, _y in passes]
+    repeated = iter(make_tf_dataset(dataset.train, 2, 16, shuffle=True, seed=3, repeat=True))
+    got = [next(repeated)[0].numpy()[:, 0, 0, 0] for _ in range(9)]
+    assert [len(batch) for batch in got] == [16, 16, 8] * 3
+    for ours, theirs in zip(got, expected):
+        np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(np.concatenate(got[:3]), np.concatenate(got[3:6]))  # reshuffled each pass
+
+
 def test_bad_arguments_raise_value_error(tiny_npz):
     with pytest.raises(ValueError):
         load_dataset(tiny_npz, on_error="ignore")

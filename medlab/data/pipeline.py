@@ -9,7 +9,7 @@ from medlab.data.types import Split
 
 
 def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffle: bool = False,
-                    seed: int = config.DEFAULT_SEED, augmentation=None):
+                    seed: int = config.DEFAULT_SEED, augmentation=None, repeat: bool = False):
     """A ``tf.data`` pipeline over an in-memory split: shuffle, batch, augment, prefetch.
 
     Yields ``(images float32 in [0, 255], labels)``. Labels are float32 0/1 for
@@ -17,7 +17,11 @@ def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffl
     (softmax output), which is what the Keras precision, recall and AUC
     metrics expect. ``augmentation`` is a Keras layer (see :mod:`medlab.augment`)
     applied to training batches only; shuffling is seeded so a rerun sees the
-    same order.
+    same order. ``repeat`` runs through the split again and again, reshuffled
+    each time, with batches that never straddle two passes: train on it with
+    ``steps_per_epoch = ceil(len(split) / batch_size)`` and ``fit`` keeps one
+    iterator for the whole run instead of starting a new one each epoch (which
+    stalled some epochs for about a second).
     """
     import tensorflow as tf
 
@@ -33,6 +37,8 @@ def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffl
     if shuffle:
         dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if repeat:
+        dataset = dataset.repeat()
     if augmentation is not None:
         dataset = dataset.map(lambda x, y: (augmentation(x, training=True), y))
     # One thread per op inside the pipeline: on a 2-core CPU, augmentation ops that each used every core
