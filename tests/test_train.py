@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from conftest import needs_bfloat16
 
 from medlab.augment import build_augmentation
@@ -46,6 +47,21 @@ def test_two_runs_with_the_same_seed_give_the_same_weights(tiny, tmp_path):
     pd.testing.assert_frame_equal(history_one, history_two)
     third, _ = _one_epoch(tiny, tmp_path / "three", seed=1)
     assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), third.get_weights()))
+
+
+def test_set_determinism_switches_grappler_off_on_a_cpu_only(monkeypatch):
+    from medlab.train import skip_graph_rewrites_on_cpu
+
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    try:
+        for gpus, switched_off in (([], True), (["GPU:0"], False)):
+            tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+            monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None, gpus=gpus: gpus)
+            set_determinism(0)
+            assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False) is switched_off
+            assert skip_graph_rewrites_on_cpu() is switched_off
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
 
 
 def test_training_writes_checkpoint_history_and_summary(tiny, tmp_path):
