@@ -252,6 +252,15 @@ def _precision_lines(metrics: dict) -> list[str]:
             "different numbers; the saved models compute in float32 (bfloat16) or as trained (float16).", ""]
 
 
+def _scratch_epochs_note(metrics: dict) -> str:
+    """How long lesson 04 trained its from-scratch backbone (at most ``scratch_epochs``), if recorded."""
+    training = (metrics.get("records", {}).get("model_transfer") or {}).get("training") or {}
+    if "epochs_run" not in training:
+        return ""
+    return (f" Lesson 04 trained it for {training['epochs_run']} epochs (at most "
+            f"{training.get('config', {}).get('max_epochs')}, its `scratch_epochs`).")
+
+
 def model_card(metrics: dict) -> str:
     """A markdown model card written from the same numbers as metrics.json."""
     dataset = metrics.get("dataset") or {}
@@ -285,7 +294,8 @@ def model_card(metrics: dict) -> str:
         ]
         if any(row.get("pretrained") is False for row in rows):
             lines += ["", "**pretrained: false** for the transfer models: ImageNet weights were not available, "
-                      "so their backbones were trained from random initialisation. This is not transfer learning."]
+                      "so their backbones were trained from random initialisation. This is not transfer learning."
+                      + _scratch_epochs_note(metrics)]
         lines += _test_time_view_lines(metrics.get("records", {}))
         gradcam = evaluation.get("gradcam") or {}
         if "pointing_game" in gradcam:

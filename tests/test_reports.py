@@ -110,6 +110,9 @@ def test_model_card_and_headline_from_evaluation_record():
     assert "`scratch_cnn`: averaged over 6 views" in card and "0.9500 with, 0.9000 without, so kept." in card
     assert "Synthetic data" in card and "0.970 [0.950, 0.980]" in card
     assert "pretrained: false" in card and "chance is 0.030" in card
+    assert "Lesson 04 trained it" not in card  # no lesson 04 record: nothing claimed
+    metrics["records"]["model_transfer"] = {"training": {"epochs_run": 9, "config": {"max_epochs": 10}}}
+    assert "Lesson 04 trained it for 9 epochs (at most 10, its `scratch_epochs`)." in reports.model_card(metrics)
     rows = reports.headline_rows(metrics)
     assert [row["model"] for row in rows] == ["scratch_cnn", "transfer"]
     assert "Training precision" not in card  # no machine record: nothing claimed
