@@ -136,7 +136,7 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     from tensorflow.python.framework import config as tf_config
 
     from medlab.augment import build_augmentation
-    from medlab.data import make_tf_dataset
+    from medlab.data import batches_per_pass, make_tf_dataset
     from medlab.models import global_dtype_policy
     from medlab.train import PreciseBatchNorm, compile_model, set_determinism
 
@@ -154,7 +154,7 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
             augmentation = None if switched_off == "augmentation" else build_augmentation(seed=seed)
             train_data = make_tf_dataset(train, num_classes, batch_size, shuffle=True, seed=seed,
                                          augmentation=augmentation, repeat=True)  # as train_model
-            steps = -(-train_images // batch_size)
+            steps = batches_per_pass(train_images, batch_size)
             val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
             callbacks = [] if switched_off in ("precise_bn", "validation") else [
                 PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]

@@ -20,7 +20,7 @@ import pandas as pd
 import tensorflow as tf
 
 from medlab import config
-from medlab.data import Dataset, Split, make_tf_dataset
+from medlab.data import Dataset, Split, batches_per_pass, make_tf_dataset
 from medlab.models import keep_checkpoint_float32
 from medlab.runs import ModelFolder, read_json, write_json
 
@@ -72,9 +72,10 @@ def cpu_trains_bfloat16() -> bool:
     Intel Cooper Lake). oneDNN runs bfloat16 convolutions on them: a 3x3
     Conv2D forward and backward ran at 2-3 times its float32 rate with AMX and
     1.6-2 times on a Zen 5 EPYC with AVX512-BF16 (``medlab bench speed``
-    measures both). Other CPUs emulate bfloat16 and are no faster.
+    measures both). Other CPUs lack these instructions; lesson 03 trains
+    in float32 there.
     """
-    return any(flag in (config.cpu_flags() or set()) for flag in BFLOAT16_FLAGS)
+    return bool(set(BFLOAT16_FLAGS) & (config.cpu_flags() or set()))
 
 
 def set_mixed_precision(requested: bool, cpu_bfloat16: bool = False) -> str:
@@ -293,7 +294,7 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     class_weight = dataset.class_weights() if cfg.class_weighting else None
     started = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs,
-                        steps_per_epoch=-(-len(dataset.train) // cfg.batch_size),
+                        steps_per_epoch=batches_per_pass(len(dataset.train), cfg.batch_size),
                         callbacks=make_callbacks(folder, cfg, dataset.train.images) + list(callbacks or []),
                         class_weight=class_weight,
                         verbose=verbose,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medlab.data import DataError, load_dataset, make_tf_dataset
+from medlab.data import DataError, batches_per_pass, load_dataset, make_tf_dataset
 
 CHEST = {"NORMAL": 40, "PNEUMONIA": 160}
 
@@ -144,7 +144,7 @@ def test_repeated_tf_dataset_reshuffles_each_pass_in_whole_batches(tiny_npz):
     expected = [x.numpy()[:, 0, 0, 0] for _ in range(3) for x, _y in passes]
     repeated = iter(make_tf_dataset(dataset.train, 2, 16, shuffle=True, seed=3, repeat=True))
     got = [next(repeated)[0].numpy()[:, 0, 0, 0] for _ in range(9)]
-    assert [len(batch) for batch in got] == [16, 16, 8] * 3
+    assert [len(batch) for batch in got] == [16, 16, 8] * 3 and batches_per_pass(40, 16) == 3
     for ours, theirs in zip(got, expected):
         np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(np.concatenate(got[:3]), np.concatenate(got[3:6]))  # reshuffled each pass

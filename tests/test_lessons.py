@@ -5,6 +5,7 @@ lose its written-out technique, and the lesson and the library cannot drift apar
 """
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def technique(lesson: str) -> dict:
     assert sources, f"{lesson} has no cell tagged 'technique' (its written-out core)"
     from ai_edge_litert.interpreter import Interpreter
 
-    namespace = {"keras": keras, "tf": tf, "np": np, "Interpreter": Interpreter}
+    namespace = {"keras": keras, "tf": tf, "np": np, "math": math, "Interpreter": Interpreter}
     for source in sources:
         exec(compile(source, f"{lesson}.ipynb[technique]", "exec"), namespace)
     namespace["__source__"] = "\n".join(sources)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from medlab import config
 from medlab.data.types import Split
+
+
+def batches_per_pass(images: int, batch_size: int) -> int:
+    """How many batches one pass over ``images`` images makes (the last may be smaller): an epoch's steps."""
+    return math.ceil(images / batch_size)
 
 
 def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffle: bool = False,
@@ -19,7 +26,7 @@ def make_tf_dataset(split: Split, num_classes: int, batch_size: int = 32, shuffl
     applied to training batches only; shuffling is seeded so a rerun sees the
     same order. ``repeat`` runs through the split again and again, reshuffled
     each time, with batches that never straddle two passes: train on it with
-    ``steps_per_epoch = ceil(len(split) / batch_size)`` and ``fit`` keeps one
+    ``steps_per_epoch=batches_per_pass(len(split), batch_size)`` and ``fit`` keeps one
     iterator for the whole run instead of starting a new one each epoch (which
     stalled some epochs for about a second).
     """
