@@ -179,13 +179,15 @@ class LiteModel:
             raise FileNotFoundError(f"{sidecar} is missing: a .tflite file needs its metadata to be used safely")
         return cls(path, json.loads(sidecar.read_text()))
 
-    def _interpreter(self, batch: int, xnnpack: bool = True):
+    def _interpreter(self, batch: int, xnnpack: bool = True, threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         # LiteRT applies the XNNPACK delegate (fast float and int8 CPU kernels) by default; without it every op
-        # runs TFLite's built-in kernels, which is how to see what the delegate is worth.
+        # runs TFLite's built-in kernels, which is how to see what the delegate is worth. ``threads=None`` is
+        # LiteRT's default: one thread.
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        interpreter = Interpreter(model_path=str(self.path), experimental_op_resolver_type=resolver)
+        interpreter = Interpreter(model_path=str(self.path), experimental_op_resolver_type=resolver,
+                                  num_threads=threads)
         input_index = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(input_index, [batch, *self.input_shape])
         interpreter.allocate_tensors()
@@ -196,8 +198,13 @@ class LiteModel:
         pre = self.metadata["preprocessing"]
         return [pre["height"], pre["width"], pre["channels"]]
 
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Probabilities in the same shape as :func:`medlab.train.predict` gives for the Keras model."""
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities in the same shape as :func:`medlab.train.predict` gives for the Keras model.
+
+        Batches run on every core this process may use (the single-image latency stays on LiteRT's default,
+        one thread). Batches of 64 rather than 256: on the synthetic 64 px scratch CNN, sizing the
+        interpreter for 256 images took up to 0.9 s of a 1.4 s float32 prediction of 400 images.
+        """
         images = np.asarray(images, dtype=np.float32)
         if list(images.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.path.name} expects images of shape {self.input_shape}, got {list(images.shape[1:])}")
@@ -206,7 +213,7 @@ class LiteModel:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             if len(batch) != size:  # resize the input tensor only when the batch size changes
-                interpreter, size = self._interpreter(len(batch)), len(batch)
+                interpreter, size = self._interpreter(len(batch), threads=config.cpu_count()), len(batch)
             input_detail = interpreter.get_input_details()[0]
             output_detail = interpreter.get_output_details()[0]
             interpreter.set_tensor(input_detail["index"], self._quantize(batch, input_detail))
