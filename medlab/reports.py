@@ -257,8 +257,10 @@ def _scratch_epochs_note(metrics: dict) -> str:
     training = (metrics.get("records", {}).get("model_transfer") or {}).get("training") or {}
     if "epochs_run" not in training:
         return ""
-    return (f" Lesson 04 trained it for {training['epochs_run']} epochs (at most "
-            f"{training.get('config', {}).get('max_epochs')}, its `scratch_epochs`).")
+    settings = training.get("config", {})
+    rate = f" at a learning rate of {settings['learning_rate']:g}" if "learning_rate" in settings else ""
+    return (f" Lesson 04 trained it for {training['epochs_run']} epochs{rate} (at most "
+            f"{settings.get('max_epochs')}, its `scratch_epochs`).")
 
 
 def model_card(metrics: dict) -> str:

@@ -111,8 +111,10 @@ def test_model_card_and_headline_from_evaluation_record():
     assert "Synthetic data" in card and "0.970 [0.950, 0.980]" in card
     assert "pretrained: false" in card and "chance is 0.030" in card
     assert "Lesson 04 trained it" not in card  # no lesson 04 record: nothing claimed
-    metrics["records"]["model_transfer"] = {"training": {"epochs_run": 9, "config": {"max_epochs": 10}}}
-    assert "Lesson 04 trained it for 9 epochs (at most 10, its `scratch_epochs`)." in reports.model_card(metrics)
+    metrics["records"]["model_transfer"] = {"training": {"epochs_run": 5, "config": {"max_epochs": 6}}}
+    assert "Lesson 04 trained it for 5 epochs (at most 6, its `scratch_epochs`)." in reports.model_card(metrics)
+    metrics["records"]["model_transfer"]["training"]["config"]["learning_rate"] = 0.003
+    assert "trained it for 5 epochs at a learning rate of 0.003 (at most 6" in reports.model_card(metrics)
     rows = reports.headline_rows(metrics)
     assert [row["model"] for row in rows] == ["scratch_cnn", "transfer"]
     assert "Training precision" not in card  # no machine record: nothing claimed
