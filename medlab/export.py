@@ -202,8 +202,9 @@ class LiteModel:
         """Probabilities in the same shape as :func:`medlab.train.predict` gives for the Keras model.
 
         Batches run on every core this process may use (the single-image latency stays on LiteRT's default,
-        one thread). Batches of 64 rather than 256: on the synthetic 64 px scratch CNN, sizing the
-        interpreter for 256 images took up to 0.9 s of a 1.4 s float32 prediction of 400 images.
+        one thread). Batches of 64 rather than 256, because a larger batch makes a slower interpreter to
+        set up: on the synthetic 64 px six-view scratch CNN, float32 over 400 images took 1.40 s in batches
+        of 256 and 0.77 s in batches of 64 (setting one up for 400 images alone: 0.4-0.9 s).
         """
         images = np.asarray(images, dtype=np.float32)
         if list(images.shape[1:]) != self.input_shape:
