@@ -45,7 +45,7 @@ data: setup ## Generate the synthetic datasets and download MEDMNIST (default pn
 	$(PY) -m medlab.cli data download $(MEDMNIST) --size $(MEDMNIST_SIZE)
 
 reports: setup ## Execute every notebook into reports/<run>/ (DATASET=..., default synthetic)
-	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) \
+	$(PY) -m medlab.cli reports --dataset "$(DATASET)" $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(SKIP_BAD_FILES),-p skip_bad_files=true) $(if $(TRACKING),-p tracking=$(TRACKING)) $(PARAMS)
 
 mlflow: setup ## Open MLflow's UI on the runs logged with TRACKING=mlflow (MLFLOW_TRACKING_URI, else mlruns.db)

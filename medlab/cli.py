@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("-p", "--parameter", action="append", type=_parse_parameter, default=[],
                          metavar="NAME=VALUE", help="notebook parameter, repeatable (e.g. -p image_size=32)")
     reports.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own)")
+    reports.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                         help="notebooks run side by side where one does not need another "
+                              "(default: MEDLAB_NOTEBOOKS_AT_ONCE, else 2; 1 streams each cell's output)")
 
     predict = commands.add_parser("predict", help="predict images with a run's model")
     predict.add_argument("images", nargs="+", help="image files, folders or globs")
@@ -190,7 +193,8 @@ def _reports(arguments) -> int:
     from medlab.reports import run_reports
 
     _papermill_logging()
-    final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel)
+    final = run_reports(arguments.dataset, arguments.notebooks, dict(arguments.parameter), arguments.kernel,
+                        at_once=arguments.jobs)
     print(f"report written: {RunFolder(final).index_html}")
     return 0
 

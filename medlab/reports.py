@@ -28,6 +28,7 @@ from pathlib import Path
 
 from medlab import config
 from medlab.evaluate import HEADLINE_METRICS
+from medlab.execution import NotebookFailed, Task, run_notebooks
 from medlab.html import render
 from medlab.runs import RunFolder, read_json, run_name, write_json
 
@@ -78,27 +79,16 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def render_html(notebook_path: Path) -> Path:
-    """Render an executed notebook to a standalone HTML file beside it."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook = nbformat.read(notebook_path, as_version=4)
-    body, _resources = HTMLExporter().from_notebook_node(notebook)
-    html_path = notebook_path.with_suffix(".html")
-    html_path.write_text(body, encoding="utf-8")
-    return html_path
-
-
 def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | None = None,
                 parameters: dict | None = None, kernel: str | None = None,
-                progress: bool = True, reports_dir: Path | None = None, name: str | None = None) -> Path:
+                progress: bool = True, reports_dir: Path | None = None, name: str | None = None,
+                at_once: int | None = None) -> Path:
     """Execute the notebooks for ``dataset`` and swap the finished run into ``reports/<run>/``.
 
-    ``name`` overrides the run folder's name (the benchmark keeps one run per seed).
+    ``name`` overrides the run folder's name (the benchmark keeps one run per seed). ``at_once``
+    notebooks run side by side where one does not need another (default
+    :func:`medlab.config.notebooks_at_once`; see :mod:`medlab.execution`).
     """
-    import papermill
-
     reports_dir = Path(reports_dir or config.reports_dir())
     if Path(dataset).expanduser().exists():  # notebooks run in notebooks/: pass paths absolute
         dataset = str(Path(dataset).expanduser().resolve())
@@ -120,20 +110,24 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
         timings.update(previous.get("notebook_wall_time_s", {}))
         used_parameters.update(previous.get("parameters", {}))
     staging.mkdir(parents=True, exist_ok=True)
-    for notebook in chosen:
-        declared = papermill.inspect_notebook(str(notebook))
-        given = {"dataset": dataset, "run_dir": str(staging.resolve()), **parameters}
-        passed = {key: value for key, value in given.items() if key in declared}
-        print(f"[medlab] {notebook.name} on {dataset} ...", flush=True)
-        started = time.perf_counter()
-        _execute(notebook, RunFolder(staging).executed_notebook(notebook), passed, kernel, progress,
-                 dataset, final, failed)
-        timings[notebook.stem] = round(time.perf_counter() - started, 2)
-        used_parameters[notebook.stem] = {k: v for k, v in passed.items() if k != "run_dir"}
-        print(f"[medlab] {notebook.name} done in {timings[notebook.stem]:.1f} s", flush=True)
+    tasks = _tasks(chosen, staging, {"dataset": dataset, "run_dir": str(staging.resolve()), **parameters}, kernel)
+    used_parameters.update({task.notebook.stem: {k: v for k, v in task.parameters.items() if k != "run_dir"}
+                            for task in tasks})
+    at_once = config.notebooks_at_once() if at_once is None else at_once
+    print(f"[medlab] {len(tasks)} notebook(s) on {dataset}, up to {at_once} at a time", flush=True)
+    started = time.perf_counter()
+    try:
+        new_timings = run_notebooks(tasks, at_once, progress)
+    except NotebookFailed as failure:
+        shutil.rmtree(failed, ignore_errors=True)
+        staging.rename(failed)
+        raise _report_error(failure, dataset, final, failed) from None
+    # This run's elapsed time, plus the recorded times of notebooks a partial run carried over unchanged.
+    total = time.perf_counter() - started + sum(seconds for stem, seconds in timings.items() if stem not in new_timings)
+    timings.update(new_timings)
 
     run = RunFolder(staging)
-    metrics = _collect_metrics(run, dataset, name, timings, used_parameters)
+    metrics = _collect_metrics(run, dataset, name, timings, used_parameters, total, at_once)
     write_json(run.metrics, metrics, sort_keys=True)
     run.index_html.write_text(_index_html(run, metrics), encoding="utf-8")
     run.model_card.write_text(model_card(metrics), encoding="utf-8")
@@ -146,34 +140,27 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     return final
 
 
-def _execute(notebook: Path, output: Path, parameters: dict, kernel: str | None, progress: bool,
-             dataset: str, final: Path, failed: Path) -> None:
-    """Run one notebook with papermill and render its HTML; on failure move the staging run to ``failed``."""
+def _tasks(chosen: list[Path], staging: Path, given: dict, kernel: str | None) -> list[Task]:
+    """One papermill task per notebook, passed only the ``given`` parameters it declares."""
     import papermill
 
-    staging = output.parent
-    try:
-        papermill.execute_notebook(
-            str(notebook), str(output), parameters=parameters, kernel_name=kernel,
-            progress_bar=progress, log_output=progress, cwd=str(config.NOTEBOOKS_DIR),
-        )
-    except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
-        if output.exists():
-            render_html(output)
-        shutil.rmtree(failed, ignore_errors=True)
-        staging.rename(failed)
-        reason = getattr(error, "ename", type(error).__name__)
-        detail = getattr(error, "evalue", str(error))
-        kept = (f"The previous complete report in {final}/ was left untouched." if final.exists() else
-                f"No complete report exists for this dataset yet, so {final}/ was not created.")
-        raise ReportError(
-            f"{notebook.name} failed on dataset {dataset!r}: {reason}: {detail}\n"
-            f"The executed notebook, with the error shown, is in {failed}/. {kept}"
-        ) from None
-    render_html(output)
+    tasks = []
+    for notebook in chosen:
+        declared = papermill.inspect_notebook(str(notebook))
+        passed = {key: value for key, value in given.items() if key in declared}
+        tasks.append(Task(notebook, RunFolder(staging).executed_notebook(notebook), passed, kernel))
+    return tasks
 
 
-def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, parameters: dict) -> dict:
+def _report_error(failure: NotebookFailed, dataset: str, final: Path, failed: Path) -> ReportError:
+    kept = (f"The previous complete report in {final}/ was left untouched." if final.exists() else
+            f"No complete report exists for this dataset yet, so {final}/ was not created.")
+    return ReportError(f"{failure.notebook.name} failed on dataset {dataset!r}: {failure.reason}: {failure.detail}\n"
+                       f"The executed notebook, with the error shown, is in {failed}/. {kept}")
+
+
+def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, parameters: dict,
+                     total_seconds: float, at_once: int) -> dict:
     records = run.records()
     return {
         "run": name,
@@ -182,7 +169,8 @@ def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, par
         "records": records,
         "parameters": parameters,
         "notebook_wall_time_s": timings,
-        "total_wall_time_s": round(sum(timings.values()), 2),
+        "total_wall_time_s": round(total_seconds, 2),
+        "notebooks_at_once": at_once,
         "git_commit": config.git_commit(),
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),

@@ -1,0 +1,196 @@
+"""Executing the numbered notebooks with papermill: one at a time, or two at once where one does not need the other.
+
+A notebook alone leaves a 2-core CPU idle much of the time: its imports, data loading, plotting and file
+writing use one core, and even training kept both cores only about 85% busy (a synthetic ``make reports``
+used 113% of the 200% it had). Lessons 01, 02, 03 and 04 read nothing another lesson writes, so
+:func:`run_notebooks` runs them side by side, each in its own process and kernel. :data:`NEEDS` says which
+notebooks' outputs each one reads; a notebook not listed there waits for every notebook before it.
+
+Running side by side changes no result (every notebook seeds its own work, and the numbers are the same
+as one at a time; ``tests/test_reports.py`` checks this on small notebooks), only the wall times a notebook
+records about itself: they include the CPU it shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from medlab import config
+
+# Which earlier notebooks' outputs each notebook reads (by number). Not listed: it waits for every earlier one.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "01": (),  # EDA: the dataset only
+    "02": (),  # augmentation: the dataset only
+    "03": (),  # the scratch CNN: the dataset only
+    "04": (),  # transfer learning: the dataset (and ImageNet weights if cached)
+    "05": ("04",),  # fine-tunes lesson 04's model
+    "06": ("03", "04", "05"),  # evaluates every trained model
+    "07": ("06",),  # converts lesson 06's best model, at the threshold lesson 06 froze
+}
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised (or its kernel died); ``name`` and ``reason`` say which and why."""
+
+    def __init__(self, notebook: Path, reason: str, detail: str):
+        super().__init__(f"{notebook.name} failed: {reason}: {detail}")
+        self.notebook, self.reason, self.detail = notebook, reason, detail
+
+
+@dataclass(frozen=True)
+class Task:
+    """One notebook to execute into ``output`` with papermill ``parameters``, in the folder ``cwd``."""
+
+    notebook: Path
+    output: Path
+    parameters: dict = field(default_factory=dict)
+    kernel: str | None = None
+    cwd: Path = field(default_factory=lambda: config.NOTEBOOKS_DIR)  # fixed here: a child process re-imports config
+
+
+def waits_for(stems: list[str]) -> dict[str, set[str]]:
+    """For each notebook stem, the stems among ``stems`` it must wait for (see :data:`NEEDS`)."""
+    numbers = {stem: stem.split("_", 1)[0] for stem in stems}
+    waits = {}
+    for position, stem in enumerate(stems):
+        needed = NEEDS.get(numbers[stem])
+        earlier = stems[:position]
+        waits[stem] = set(earlier) if needed is None else {other for other in earlier if numbers[other] in needed}
+    return waits
+
+
+def execution_order(stems: list[str]) -> list[str]:
+    """Start order: notebooks with the longest chain of notebooks waiting on them first, then by number.
+
+    Starting lesson 04 (04 -> 05 -> 06 -> 07) before lessons 01 and 02 (nothing waits for them) lets the short
+    lessons fill the gaps at the end instead of delaying the long chain.
+    """
+    waits = waits_for(stems)
+    chain: dict[str, int] = {}
+    for stem in reversed(stems):  # a notebook only waits for earlier ones
+        chain[stem] = 1 + max((chain[other] for other in stems if stem in waits[other]), default=0)
+    return sorted(stems, key=lambda stem: (-chain[stem], stems.index(stem)))
+
+
+def render_html(notebook_path: Path) -> Path:
+    """Render an executed notebook to a standalone HTML file beside it."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    body, _resources = HTMLExporter().from_notebook_node(notebook)
+    html_path = notebook_path.with_suffix(".html")
+    html_path.write_text(body, encoding="utf-8")
+    return html_path
+
+
+def execute(task: Task, progress=True, log_output: bool = True) -> float:
+    """Run one notebook and render its HTML (also when it failed); return its wall time in seconds."""
+    import papermill
+
+    started = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(task.notebook), str(task.output), parameters=task.parameters, kernel_name=task.kernel,
+            progress_bar=progress, log_output=log_output, cwd=str(task.cwd),
+        )
+    except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
+        if task.output.exists():
+            render_html(task.output)
+        raise NotebookFailed(task.notebook, getattr(error, "ename", type(error).__name__),
+                             getattr(error, "evalue", str(error))) from None
+    render_html(task.output)
+    return time.perf_counter() - started
+
+
+def _execute_in_child(task: Task, progress, connection) -> None:
+    """A child process's whole work: execute ``task`` and send back its time or why it failed."""
+    try:
+        connection.send({"seconds": execute(task, progress=progress, log_output=False)})
+    except NotebookFailed as failure:
+        connection.send({"reason": failure.reason, "detail": failure.detail})
+    except BaseException as error:  # noqa: BLE001 - anything else (an interrupt too) must reach the parent
+        with contextlib.suppress(OSError):
+            connection.send({"reason": type(error).__name__, "detail": str(error)})
+    finally:
+        connection.close()
+
+
+def run_notebooks(tasks: list[Task], at_once: int = 1, progress: bool = True) -> dict[str, float]:
+    """Execute ``tasks`` (in notebook order), at most ``at_once`` at a time; return each one's wall time.
+
+    With ``at_once=1`` they run one after the other in this process, with a progress bar and the cells'
+    output streamed to the log. With more, each runs in its own process (a progress bar per notebook, no
+    streamed output) as soon as the notebooks it needs (:data:`NEEDS`) have finished. The first failure
+    stops the notebooks still running and raises :class:`NotebookFailed`.
+    """
+    if at_once < 1:
+        raise ValueError(f"at_once must be at least 1, got {at_once}")
+    if at_once == 1 or len(tasks) == 1:
+        timings = {}
+        for task in tasks:
+            print(f"[medlab] {task.notebook.name} ...", flush=True)
+            timings[task.notebook.stem] = round(execute(task, progress=progress, log_output=progress), 2)
+            print(f"[medlab] {task.notebook.name} done in {timings[task.notebook.stem]:.1f} s", flush=True)
+        return timings
+    return _run_side_by_side(tasks, at_once, progress)
+
+
+def _run_side_by_side(tasks: list[Task], at_once: int, progress: bool) -> dict[str, float]:
+    by_stem = {task.notebook.stem: task for task in tasks}
+    waits = waits_for(list(by_stem))
+    waiting = execution_order(list(by_stem))
+    running: dict[str, tuple] = {}  # stem -> (process, connection, slot)
+    timings: dict[str, float] = {}
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or TensorFlow
+    try:
+        while waiting or running:
+            free_slots = [slot for slot in range(at_once) if slot not in {s for *_, s in running.values()}]
+            for stem in [stem for stem in waiting if waits[stem] <= timings.keys()][:len(free_slots)]:
+                slot = free_slots.pop(0)
+                bar = {"desc": stem, "position": slot, "leave": False} if progress else False
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_execute_in_child, args=(by_stem[stem], bar, sender), name=stem)
+                process.start()
+                sender.close()
+                running[stem] = (process, receiver, slot)
+                waiting.remove(stem)
+                print(f"[medlab] {stem}.ipynb started ({len(running)} running)", flush=True)
+            if not running:  # nothing can start: a notebook waits for one that is not in this run
+                raise ValueError(f"cannot order {waiting}: they wait for {[waits[s] for s in waiting]}")
+            wait([process.sentinel for process, _, _ in running.values()])
+            for stem, (process, receiver, _slot) in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del running[stem]
+                result = receiver.recv() if receiver.poll() else {
+                    "reason": "KernelDied", "detail": f"the process running it exited with code {process.exitcode}"}
+                if "seconds" not in result:
+                    raise NotebookFailed(by_stem[stem].notebook, result["reason"], result["detail"])
+                timings[stem] = round(result["seconds"], 2)
+                print(f"[medlab] {stem}.ipynb done in {timings[stem]:.1f} s", flush=True)
+    finally:
+        _stop([process for process, _, _ in running.values()])
+    return {stem: timings[stem] for stem in by_stem if stem in timings}
+
+
+def _stop(processes: list, grace_seconds: float = 10.0) -> None:
+    """Interrupt notebooks still running (papermill then shuts its kernel down), terminate them if they hang."""
+    for process in processes:
+        if process.is_alive():
+            print(f"[medlab] stopping {process.name}.ipynb", flush=True)
+            os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join()

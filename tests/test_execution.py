@@ -1,0 +1,108 @@
+import json
+import time
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from medlab import config, execution
+from medlab.execution import NotebookFailed, Task, execution_order, run_notebooks, waits_for
+
+LESSONS = ["01_eda", "02_augmentation", "03_scratch_cnn", "04_transfer_learning", "05_fine_tuning",
+           "06_evaluation", "07_tflite"]
+
+
+def test_what_each_lesson_waits_for():
+    waits = waits_for(LESSONS)
+    assert waits["03_scratch_cnn"] == set() and waits["04_transfer_learning"] == set()
+    assert waits["05_fine_tuning"] == {"04_transfer_learning"}
+    assert waits["06_evaluation"] == {"03_scratch_cnn", "04_transfer_learning", "05_fine_tuning"}
+    assert waits["07_tflite"] == {"06_evaluation"}
+    assert waits_for(["05_fine_tuning", "06_evaluation"])["06_evaluation"] == {"05_fine_tuning"}  # only those run
+    assert waits_for([*LESSONS, "08_mine"])["08_mine"] == set(LESSONS)  # not in NEEDS: waits for every earlier one
+
+
+def test_the_longest_chain_starts_first():
+    assert execution_order(LESSONS) == ["04_transfer_learning", "03_scratch_cnn", "05_fine_tuning", "06_evaluation",
+                                        "01_eda", "02_augmentation", "07_tflite"]
+    assert execution_order(["01_eda", "08_mine"]) == ["01_eda", "08_mine"]
+
+
+def test_every_lesson_is_declared():
+    assert {stem.split("_")[0] for stem in LESSONS} == set(execution.NEEDS)
+    assert sorted(path.stem for path in config.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")) == LESSONS
+
+
+def _notebook(folder, stem, body):
+    path = folder / f"{stem}.ipynb"
+    notebook = new_notebook(cells=[new_code_cell(body)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+    return Task(path, folder / "out" / path.name, kernel="python3")
+
+
+def _timed(stem, seconds):
+    """A cell that records when it started and ended (and its kernel's process id), sleeping in between."""
+    return (f"import json, os, time\nstarted = time.time()\ntime.sleep({seconds})\n"
+            f"open({stem + '.json'!r}, 'w').write(json.dumps([started, time.time(), os.getpid()]))")
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "NOTEBOOKS_DIR", tmp_path)  # the notebooks' working directory
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def test_independent_notebooks_run_side_by_side_and_a_dependent_one_waits(folder):
+    tasks = [_notebook(folder, "01_first", _timed("01_first", 3)),
+             _notebook(folder, "04_second", _timed("04_second", 3)),
+             _notebook(folder, "05_needs_04", "import json\nprint(json.load(open('04_second.json')))")]
+    timings = run_notebooks(tasks, at_once=2, progress=False)
+    assert list(timings) == ["01_first", "04_second", "05_needs_04"]
+    first, second = (json.loads((folder / f"{stem}.json").read_text()) for stem in ("01_first", "04_second"))
+    assert first[0] < second[1] and second[0] < first[1]  # each started before the other ended
+    assert (folder / "out" / "05_needs_04.html").exists()  # it found lesson 04's file: it ran after it
+
+
+def test_one_at_a_time_runs_in_order(folder):
+    tasks = [_notebook(folder, "01_first", _timed("01_first", 1)), _notebook(folder, "02_second", _timed("02_second", 1))]
+    assert list(run_notebooks(tasks, at_once=1, progress=False)) == ["01_first", "02_second"]
+    first, second = (json.loads((folder / f"{stem}.json").read_text()) for stem in ("01_first", "02_second"))
+    assert first[1] <= second[0]
+    with pytest.raises(ValueError, match="at least 1"):
+        run_notebooks(tasks, at_once=0)
+
+
+def test_a_failure_stops_the_notebook_beside_it(folder):
+    tasks = [_notebook(folder, "01_fails", "import time\ntime.sleep(2)\nraise RuntimeError('planted failure')"),
+             _notebook(folder, "02_slow", "import os\nopen('02_slow.pid', 'w').write(str(os.getpid()))\n"
+                                          "import time\ntime.sleep(120)")]
+    started = time.monotonic()
+    with pytest.raises(NotebookFailed, match="01_fails.ipynb failed: RuntimeError: planted failure"):
+        run_notebooks(tasks, at_once=2, progress=False)
+    assert time.monotonic() - started < 60  # not the 120 s the other notebook would have slept
+    assert "planted failure" in (folder / "out" / "01_fails.html").read_text()
+    kernel = int((folder / "02_slow.pid").read_text())
+    deadline = time.monotonic() + 15
+    while _alive(kernel) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(kernel), "the stopped notebook's kernel is still running"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting to be reaped does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_notebooks_at_once_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MEDLAB_NOTEBOOKS_AT_ONCE", raising=False)
+    assert config.notebooks_at_once() == min(2, config.cpu_count())
+    monkeypatch.setenv("MEDLAB_NOTEBOOKS_AT_ONCE", "3")
+    assert config.notebooks_at_once() == 3
+    monkeypatch.setenv("MEDLAB_NOTEBOOKS_AT_ONCE", "zero")
+    with pytest.raises(ValueError, match="MEDLAB_NOTEBOOKS_AT_ONCE"):
+        config.notebooks_at_once()
