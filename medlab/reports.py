@@ -122,12 +122,11 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
         shutil.rmtree(failed, ignore_errors=True)
         staging.rename(failed)
         raise _report_error(failure, dataset, final, failed) from None
-    # This run's elapsed time, plus the recorded times of notebooks a partial run carried over unchanged.
-    total = time.perf_counter() - started + sum(seconds for stem, seconds in timings.items() if stem not in new_timings)
+    elapsed = time.perf_counter() - started  # a partial run: only the notebooks it ran (they may have overlapped)
     timings.update(new_timings)
 
     run = RunFolder(staging)
-    metrics = _collect_metrics(run, dataset, name, timings, used_parameters, total, at_once)
+    metrics = _collect_metrics(run, dataset, name, timings, used_parameters, elapsed, list(new_timings), at_once)
     write_json(run.metrics, metrics, sort_keys=True)
     run.index_html.write_text(_index_html(run, metrics), encoding="utf-8")
     run.model_card.write_text(model_card(metrics), encoding="utf-8")
@@ -160,7 +159,7 @@ def _report_error(failure: NotebookFailed, dataset: str, final: Path, failed: Pa
 
 
 def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, parameters: dict,
-                     total_seconds: float, at_once: int) -> dict:
+                     elapsed_seconds: float, ran: list[str], at_once: int) -> dict:
     records = run.records()
     return {
         "run": name,
@@ -169,7 +168,8 @@ def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, par
         "records": records,
         "parameters": parameters,
         "notebook_wall_time_s": timings,
-        "total_wall_time_s": round(total_seconds, 2),
+        "total_wall_time_s": round(elapsed_seconds, 2),  # of the notebooks this run executed, `notebooks_run`
+        "notebooks_run": ran,
         "notebooks_at_once": at_once,
         "git_commit": config.git_commit(),
         "versions": package_versions(),

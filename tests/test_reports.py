@@ -51,7 +51,8 @@ def test_a_complete_run_writes_notebooks_html_metrics_and_index(notebook_dir, tm
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["dataset"] == {"name": "synthetic", "synthetic": True}
     assert set(metrics["notebook_wall_time_s"]) == {"01_first", "02_second"}
-    assert metrics["notebooks_at_once"] == 2 and metrics["total_wall_time_s"] > 0
+    assert metrics["notebooks_at_once"] == 2 and metrics["notebooks_run"] == ["01_first", "02_second"]
+    assert metrics["total_wall_time_s"] > 0  # (side by side: tests/test_execution.py checks that they overlap)
     assert metrics["versions"]["tensorflow"] != "not installed"
     assert "SYNTHETIC DATA" in (final / "index.html").read_text()
     assert "Up to 2 notebooks ran side by side" in (final / "index.html").read_text()
@@ -91,7 +92,8 @@ def test_a_partial_run_builds_on_the_complete_report(notebook_dir, tmp_path):
     run_reports("synthetic", selection=["02"], kernel="python3", progress=False)
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["records"]["kept"] == {"from": "earlier run"}
-    assert set(metrics["notebook_wall_time_s"]) == {"01_first", "02_second"}
+    assert set(metrics["notebook_wall_time_s"]) == {"01_first", "02_second"}  # 01's time carried over
+    assert metrics["notebooks_run"] == ["02_second"]  # total_wall_time_s is this run's
 
 
 def test_model_card_and_headline_from_evaluation_record():
