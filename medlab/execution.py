@@ -32,7 +32,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "04": (),  # transfer learning: the dataset (and ImageNet weights if cached)
     "05": ("04",),  # fine-tunes lesson 04's model
     "06": ("03", "04", "05"),  # evaluates every trained model
-    "07": ("06",),  # converts lesson 06's best model, at the threshold lesson 06 froze
+    # converts lesson 06's best model at the threshold 06 froze, and times inference: it waits for every notebook
+    # so that nothing runs beside it while it measures latency
+    "07": ("01", "02", "03", "04", "05", "06"),
 }
 
 
@@ -172,7 +174,7 @@ def _run_side_by_side(tasks: list[Task], at_once: int, progress: bool) -> dict[s
                 process.join()
                 del running[stem]
                 result = receiver.recv() if receiver.poll() else {
-                    "reason": "KernelDied", "detail": f"the process running it exited with code {process.exitcode}"}
+                    "reason": "ChildProcessError", "detail": f"the process running it exited with code {process.exitcode}"}
                 if "seconds" not in result:
                     raise NotebookFailed(by_stem[stem].notebook, result["reason"], result["detail"])
                 timings[stem] = round(result["seconds"], 2)

@@ -263,7 +263,8 @@ def lesson_summary(run_dir: str | Path) -> dict:
                         "best_val_auc": round(float(best), 4),
                         "epochs_to_within_0.005": int((table["val_auc"] >= best - 0.005).idxmax()) + 1}
     return {"run": str(run.root), "notebook_wall_time_s": metrics.get("notebook_wall_time_s", {}),
-            "total_wall_time_s": metrics.get("total_wall_time_s"), "models": models}
+            "total_wall_time_s": metrics.get("total_wall_time_s"),
+            "notebooks_at_once": metrics.get("notebooks_at_once", 1), "models": models}
 
 
 def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, epochs: int = 2) -> dict:
@@ -325,7 +326,9 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lessons = result.get("lessons") or {}
     if lessons:
-        lines += ["", f"Run `{lessons['run']}`: total {lessons['total_wall_time_s']:.0f} s; "
+        at_once = lessons.get("notebooks_at_once", 1)
+        side_by_side = f" (up to {at_once} notebooks at a time: their times overlap)" if at_once > 1 else ""
+        lines += ["", f"Run `{lessons['run']}`: total {lessons['total_wall_time_s']:.0f} s{side_by_side}; "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in lessons["notebook_wall_time_s"].items()), "",
                   "| model | epochs run | best epoch | first epoch within 0.005 of the best val AUC | best val AUC |",
                   "|---|---|---|---|---|"]

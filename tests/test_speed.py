@@ -98,7 +98,9 @@ def test_lesson_summary_and_markdown(tmp_path):
     with_bfloat16 = speed.markdown(result)
     assert "In bfloat16: 32px_32to64 800 GFLOP/s (best 800)" in with_bfloat16
     assert "| scratch_cnn_64px_bfloat16 | 0.233 | 1000 | 233 | 29% | 1500 | 44% | - |" in with_bfloat16
-    assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table
+    assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table and "at a time" not in table
     json_path, markdown_path = speed.write_results(result, tmp_path / "bench")
     assert json.loads(json_path.read_text())["models"]["scratch_cnn_64px"]["images_per_s"] == 500.0
     assert markdown_path.read_text().strip() == with_bfloat16
+    lessons["notebooks_at_once"] = 2
+    assert "total 100 s (up to 2 notebooks at a time: their times overlap)" in speed.markdown(result)
