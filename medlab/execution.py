@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -99,10 +100,11 @@ def execute(task: Task, progress=True, log_output: bool = True) -> float:
 
     started = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(task.notebook), str(task.output), parameters=task.parameters, kernel_name=task.kernel,
-            progress_bar=progress, log_output=log_output, cwd=str(task.cwd),
-        )
+        with tempfile.TemporaryDirectory(prefix="medlab-kernel-") as sockets:
+            papermill.execute_notebook(
+                str(task.notebook), str(task.output), parameters=task.parameters, kernel_name=task.kernel,
+                progress_bar=progress, log_output=log_output, cwd=str(task.cwd), config=_kernel_config(sockets),
+            )
     except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
         if task.output.exists():
             render_html(task.output)
@@ -110,6 +112,18 @@ def execute(task: Task, progress=True, log_output: bool = True) -> float:
                              getattr(error, "evalue", str(error))) from None
     render_html(task.output)
     return time.perf_counter() - started
+
+
+def _kernel_config(folder: str):
+    """The kernel talks over Unix sockets in ``folder`` (POSIX), not TCP ports.
+
+    jupyter_client picks free TCP ports and the kernel binds them a moment later: two kernels started at
+    once by two processes can pick the same one ("Address already in use", then "Kernel died before replying
+    to kernel_info", seen once in ``make test``). Sockets in a folder of their own cannot collide.
+    """
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc", "ip": f"{folder}/kernel"}}) if os.name == "posix" else Config()
 
 
 def _execute_in_child(task: Task, progress, connection) -> None:

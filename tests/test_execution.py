@@ -1,4 +1,5 @@
 import json
+import os
 import time
 
 import nbformat
@@ -72,6 +73,17 @@ def test_one_at_a_time_runs_in_order(folder):
     assert first[1] <= second[0]
     with pytest.raises(ValueError, match="at least 1"):
         run_notebooks(tasks, at_once=0)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix sockets")
+def test_kernels_talk_over_unix_sockets_that_cannot_collide(folder):
+    """TCP ports picked by two processes at once collided once in make test: the kernel died at start."""
+    task = _notebook(folder, "01_transport", "import ipykernel, json\n"
+                                             "info = json.loads(ipykernel.get_connection_info())\n"
+                                             "open('transport.json', 'w').write(json.dumps(info))")
+    run_notebooks([task], progress=False)
+    info = json.loads((folder / "transport.json").read_text())
+    assert info["transport"] == "ipc" and "medlab-kernel-" in info["ip"]
 
 
 def test_a_failure_stops_the_notebook_beside_it(folder):
