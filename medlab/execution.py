@@ -187,8 +187,7 @@ def _run_side_by_side(tasks: list[Task], at_once: int, progress: bool) -> dict[s
                     continue
                 process.join()
                 del running[stem]
-                result = receiver.recv() if receiver.poll() else {
-                    "reason": "ChildProcessError", "detail": f"the process running it exited with code {process.exitcode}"}
+                result = _result(receiver, process)
                 if "seconds" not in result:
                     raise NotebookFailed(by_stem[stem].notebook, result["reason"], result["detail"])
                 timings[stem] = round(result["seconds"], 2)
@@ -196,6 +195,17 @@ def _run_side_by_side(tasks: list[Task], at_once: int, progress: bool) -> dict[s
     finally:
         _stop([process for process, _, _ in running.values()])
     return {stem: timings[stem] for stem in by_stem if stem in timings}
+
+
+def _result(receiver, process) -> dict:
+    """What a finished child sent: its time, why its notebook failed, or (it sent nothing) how it exited."""
+    try:
+        if receiver.poll():
+            return receiver.recv()
+    except EOFError:
+        pass
+    return {"reason": "ChildProcessError", "detail": f"the process running it exited with code {process.exitcode} "
+            "(called from a script? guard the call with `if __name__ == \"__main__\":`, as multiprocessing needs)"}
 
 
 def _stop(processes: list, grace_seconds: float = 10.0) -> None:
