@@ -40,7 +40,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 
 class NotebookFailed(RuntimeError):
-    """A notebook raised (or its kernel died); ``name`` and ``reason`` say which and why."""
+    """A notebook raised (or its kernel died): ``notebook`` is which, ``reason`` and ``detail`` say why."""
 
     def __init__(self, notebook: Path, reason: str, detail: str):
         super().__init__(f"{notebook.name} failed: {reason}: {detail}")
@@ -72,8 +72,8 @@ def waits_for(stems: list[str]) -> dict[str, set[str]]:
 def execution_order(stems: list[str]) -> list[str]:
     """Start order: notebooks with the longest chain of notebooks waiting on them first, then by number.
 
-    Starting lesson 04 (04 -> 05 -> 06 -> 07) before lessons 01 and 02 (nothing waits for them) lets the short
-    lessons fill the gaps at the end instead of delaying the long chain.
+    Starting lesson 04 (04 -> 05 -> 06 -> 07) before lessons 01 and 02 (only 07 waits for them) lets the short
+    lessons fill the gaps instead of delaying the long chain.
     """
     waits = waits_for(stems)
     chain: dict[str, int] = {}
