@@ -3,8 +3,14 @@
 A notebook alone leaves a 2-core CPU idle much of the time: its imports, data loading, plotting and file
 writing use one core, and even training kept both cores only about 85% busy (a synthetic ``make reports``
 used 113% of the 200% it had). Lessons 01, 02, 03 and 04 read nothing another lesson writes, so
-:func:`run_notebooks` runs them side by side, each in its own process and kernel. :data:`NEEDS` says which
-earlier notebooks each one waits for; a notebook not listed there waits for every notebook before it.
+:func:`run_notebooks` runs them side by side, each in its own kernel, driven by one of two worker processes.
+:data:`NEEDS` says which earlier notebooks each one waits for; a notebook not listed there waits for every
+notebook before it.
+
+Between two notebooks on the longest chain nothing but the next notebook's kernel start is spent: the workers
+import papermill once, before their first notebook; a kernel is killed once its last cell has run (a graceful
+shutdown waited 1.3 s for TensorFlow to exit); the HTML is rendered beside the next notebook. Those three took
+2-3 s at each of the chain's hand-overs (04 -> 05 -> 06 -> 07).
 
 Running side by side changed no result (every notebook seeds its own work: two synthetic reports, one and two
 at a time, wrote the same metrics.json but for wall times, and a 3-seed PneumoniaMNIST bench gave the same
@@ -71,16 +77,21 @@ def waits_for(stems: list[str]) -> dict[str, set[str]]:
 
 
 def execution_order(stems: list[str]) -> list[str]:
-    """Start order: notebooks with the longest chain of notebooks waiting on them first, then by number.
+    """Priority order: the longest chain of notebooks through each one (those it waits for, itself, those that
+    wait for it), longest first, then by number. Whenever a slot is free the first notebook in this order whose
+    needs are met starts.
 
-    Starting lesson 04 (04 -> 05 -> 06 -> 07) before lessons 01 and 02 (only 07 waits for them) lets the short
-    lessons fill the gaps instead of delaying the long chain.
+    Lessons 04, 05 and 06 lie on the longest chain (04 -> 05 -> 06 -> 07), so 06 starts as soon as 05 ends;
+    lessons 01 and 02 (only 07 waits for them) fill the gaps instead of delaying it (06 waited 7 s behind them).
     """
     waits = waits_for(stems)
-    chain: dict[str, int] = {}
-    for stem in reversed(stems):  # a notebook only waits for earlier ones
-        chain[stem] = 1 + max((chain[other] for other in stems if stem in waits[other]), default=0)
-    return sorted(stems, key=lambda stem: (-chain[stem], stems.index(stem)))
+    before: dict[str, int] = {}
+    for stem in stems:  # a notebook only waits for earlier ones
+        before[stem] = max((before[other] for other in waits[stem]), default=0) + 1
+    after: dict[str, int] = {}
+    for stem in reversed(stems):
+        after[stem] = max((after[other] for other in stems if stem in waits[other]), default=0) + 1
+    return sorted(stems, key=lambda stem: (-(before[stem] + after[stem]), stems.index(stem)))
 
 
 def render_html(notebook_path: Path) -> Path:
@@ -97,6 +108,19 @@ def render_html(notebook_path: Path) -> Path:
 
 def execute(task: Task, progress: bool | dict = True, log_output: bool = True) -> float:
     """Run one notebook and render its HTML (also when it failed); return its wall time in seconds."""
+    try:
+        return _papermill(task, progress, log_output)
+    finally:
+        if task.output.exists():
+            render_html(task.output)
+
+
+def _papermill(task: Task, progress: bool | dict, log_output: bool) -> float:
+    """Execute ``task`` with papermill (no HTML); return its wall time or raise :class:`NotebookFailed`.
+
+    The kernel is killed as soon as the last cell has run (``shutdown_kernel="immediate"``): every output a
+    lesson keeps is written by its cells, and a graceful shutdown waited 1.3 s for TensorFlow's kernel to exit.
+    """
     import papermill
 
     started = time.perf_counter()
@@ -105,13 +129,11 @@ def execute(task: Task, progress: bool | dict = True, log_output: bool = True) -
             papermill.execute_notebook(
                 str(task.notebook), str(task.output), parameters=task.parameters, kernel_name=task.kernel,
                 progress_bar=progress, log_output=log_output, cwd=str(task.cwd), config=_kernel_config(sockets),
+                shutdown_kernel="immediate",
             )
     except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
-        if task.output.exists():
-            render_html(task.output)
         raise NotebookFailed(task.notebook, getattr(error, "ename", type(error).__name__),
                              getattr(error, "evalue", str(error))) from None
-    render_html(task.output)
     return time.perf_counter() - started
 
 
@@ -127,12 +149,23 @@ def _kernel_config(folder: str):
     return Config({"KernelManager": {"transport": "ipc", "ip": f"{folder}/kernel"}}) if os.name == "posix" else Config()
 
 
-def _execute_in_child(task: Task, progress, connection) -> None:
-    """A child process's whole work: execute ``task`` and send back its time or why it failed."""
+def _worker(connection) -> None:
+    """A child process's whole work: execute the tasks it is sent, one at a time, and send back each one's time.
+
+    papermill is imported once, before the first task arrives, so a notebook that becomes ready starts at once.
+    ``None`` ends the loop. A failure is sent back as its reason and detail.
+    """
+    import papermill  # noqa: F401 - imported here, while the worker waits
+
     try:
-        connection.send({"seconds": execute(task, progress=progress, log_output=False)})
-    except NotebookFailed as failure:
-        connection.send({"reason": failure.reason, "detail": failure.detail})
+        while (message := connection.recv()) is not None:
+            task, progress = message
+            try:
+                connection.send({"seconds": _papermill(task, progress, log_output=False)})
+            except NotebookFailed as failure:
+                connection.send({"reason": failure.reason, "detail": failure.detail})
+    except EOFError:  # the parent has gone
+        pass
     except BaseException as error:  # noqa: BLE001 - anything else (an interrupt too) must reach the parent
         with contextlib.suppress(OSError):
             connection.send({"reason": type(error).__name__, "detail": str(error)})
@@ -161,40 +194,66 @@ def run_notebooks(tasks: list[Task], at_once: int = 1, progress: bool = True) ->
 
 
 def _run_side_by_side(tasks: list[Task], at_once: int, progress: bool) -> dict[str, float]:
+    """``at_once`` worker processes (:func:`_worker`) take the notebooks whose needs are met; HTML is rendered here.
+
+    A worker is free for the next notebook as soon as papermill returns: this process renders the finished
+    notebook's HTML in a thread meanwhile (rendering is light, and nothing waits for the HTML).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     by_stem = {task.notebook.stem: task for task in tasks}
     waits = waits_for(list(by_stem))
     waiting = execution_order(list(by_stem))
-    running: dict[str, tuple] = {}  # stem -> (process, connection, slot)
-    timings: dict[str, float] = {}
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or TensorFlow
-    try:
-        while waiting or running:
-            free_slots = [slot for slot in range(at_once) if slot not in {s for *_, s in running.values()}]
-            for stem in [stem for stem in waiting if waits[stem] <= timings.keys()][:len(free_slots)]:
-                slot = free_slots.pop(0)
-                bar = {"desc": stem, "position": slot, "leave": False} if progress else False
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_execute_in_child, args=(by_stem[stem], bar, sender), name=stem)
-                process.start()
-                sender.close()
-                running[stem] = (process, receiver, slot)
-                waiting.remove(stem)
-                print(f"[medlab] {stem}.ipynb started ({len(running)} running)", flush=True)
-            # (something always runs here: a notebook waits only for earlier ones, so the first one waiting can start)
-            wait([process.sentinel for process, _, _ in running.values()])
-            for stem, (process, receiver, _slot) in list(running.items()):
-                if process.is_alive():
-                    continue
+    workers = [_start_worker(context, slot) for slot in range(min(at_once, len(tasks)))]
+    running: dict[int, str] = {}  # slot -> stem
+    timings: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlab-html") as renderer:
+        rendered = []
+        try:
+            while waiting or running:
+                free_slots = [slot for slot in range(len(workers)) if slot not in running]
+                for stem in [stem for stem in waiting if waits[stem] <= timings.keys()][:len(free_slots)]:
+                    slot = free_slots.pop(0)
+                    bar = {"desc": stem, "position": slot, "leave": False} if progress else False
+                    with contextlib.suppress(BrokenPipeError):  # a worker that died is reported below
+                        workers[slot][1].send((by_stem[stem], bar))
+                    running[slot] = stem
+                    waiting.remove(stem)
+                    print(f"[medlab] {stem}.ipynb started ({len(running)} running)", flush=True)
+                # (something always runs here: a notebook waits only for earlier ones, so the first one waiting can start)
+                busy = {workers[slot][1]: slot for slot in running} | {workers[slot][0].sentinel: slot for slot in running}
+                for slot in {busy[ready] for ready in wait(list(busy))}:
+                    process, connection = workers[slot]
+                    stem = running.pop(slot)
+                    result = _result(connection, process)
+                    if "seconds" not in result:
+                        for other in running.values():
+                            print(f"[medlab] stopping {other}.ipynb", flush=True)
+                        _stop([process for process, _ in workers])
+                        if by_stem[stem].output.exists():
+                            render_html(by_stem[stem].output)
+                        raise NotebookFailed(by_stem[stem].notebook, result["reason"], result["detail"])
+                    timings[stem] = round(result["seconds"], 2)
+                    rendered.append(renderer.submit(render_html, by_stem[stem].output))
+                    print(f"[medlab] {stem}.ipynb done in {timings[stem]:.1f} s", flush=True)
+            for process, connection in workers:
+                connection.send(None)
                 process.join()
-                del running[stem]
-                result = _result(receiver, process)
-                if "seconds" not in result:
-                    raise NotebookFailed(by_stem[stem].notebook, result["reason"], result["detail"])
-                timings[stem] = round(result["seconds"], 2)
-                print(f"[medlab] {stem}.ipynb done in {timings[stem]:.1f} s", flush=True)
-    finally:
-        _stop([process for process, _, _ in running.values()])
+            for future in rendered:
+                future.result()  # an HTML file that could not be written raises here
+        finally:
+            _stop([process for process, _ in workers])
     return {stem: timings[stem] for stem in by_stem if stem in timings}
+
+
+def _start_worker(context, slot: int):
+    """A spawned :func:`_worker` process and this side's end of its (two-way) pipe."""
+    here, there = context.Pipe()
+    process = context.Process(target=_worker, args=(there,), name=f"medlab-notebooks-{slot + 1}")
+    process.start()
+    there.close()
+    return process, here
 
 
 def _result(receiver, process) -> dict:
@@ -204,15 +263,15 @@ def _result(receiver, process) -> dict:
             return receiver.recv()
     except EOFError:
         pass
+    process.join(5)
     return {"reason": "ChildProcessError", "detail": f"the process running it exited with code {process.exitcode} "
             "(called from a script? guard the call with `if __name__ == \"__main__\":`, as multiprocessing needs)"}
 
 
 def _stop(processes: list, grace_seconds: float = 10.0) -> None:
-    """Interrupt notebooks still running (papermill then shuts its kernel down), terminate them if they hang."""
+    """Interrupt workers still running (papermill then shuts its kernel down), terminate them if they hang."""
     for process in processes:
         if process.is_alive():
-            print(f"[medlab] stopping {process.name}.ipynb", flush=True)
             os.kill(process.pid, signal.SIGINT)
     deadline = time.monotonic() + grace_seconds
     for process in processes:

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import time
 
 import nbformat
@@ -24,8 +26,9 @@ def test_what_each_lesson_waits_for():
 
 
 def test_the_longest_chain_starts_first():
-    assert execution_order(LESSONS) == ["04_transfer_learning", "03_scratch_cnn", "05_fine_tuning", "01_eda",
-                                        "02_augmentation", "06_evaluation", "07_tflite"]
+    # 04 -> 05 -> 06 -> 07 is the longest chain; 03 -> 06 -> 07 is shorter, 01 and 02 only feed 07
+    assert execution_order(LESSONS) == ["04_transfer_learning", "05_fine_tuning", "06_evaluation", "07_tflite",
+                                        "03_scratch_cnn", "01_eda", "02_augmentation"]
     assert execution_order(["01_eda", "08_mine"]) == ["01_eda", "08_mine"]
 
 
@@ -118,3 +121,17 @@ def test_notebooks_at_once_from_the_environment(monkeypatch):
     monkeypatch.setenv("MEDLAB_NOTEBOOKS_AT_ONCE", "zero")
     with pytest.raises(ValueError, match="MEDLAB_NOTEBOOKS_AT_ONCE"):
         config.notebooks_at_once()
+
+
+def test_a_script_without_a_main_guard_is_told_so(folder):
+    """Worker processes are spawned: they re-import the calling script, which must guard its call."""
+    tasks = [_notebook(folder, stem, "print('ran')") for stem in ("01_first", "02_second")]
+    script = folder / "unguarded.py"
+    listed = ", ".join(f"Task(Path({str(task.notebook)!r}), Path({str(task.output)!r}), kernel='python3')"
+                       for task in tasks)
+    script.write_text("from pathlib import Path\nfrom medlab.execution import Task, run_notebooks\n"
+                      f"run_notebooks([{listed}], at_once=2, progress=False)\n")
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                              cwd=folder, env={**os.environ, "PYTHONPATH": str(config.PROJECT_ROOT)})
+    assert finished.returncode != 0
+    assert "ChildProcessError" in finished.stderr and "__main__" in finished.stderr
