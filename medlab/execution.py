@@ -7,10 +7,11 @@ used 113% of the 200% it had). Lessons 01, 02, 03 and 04 read nothing another le
 :data:`NEEDS` says which earlier notebooks each one waits for; a notebook not listed there waits for every
 notebook before it.
 
-Between two notebooks on the longest chain nothing but the next notebook's kernel start is spent: the workers
-import papermill once, before their first notebook; a kernel is killed once its last cell has run (a graceful
-shutdown waited 1.3 s for TensorFlow to exit); the HTML is rendered beside the next notebook. Those three took
-2-3 s at each of the chain's hand-overs (04 -> 05 -> 06 -> 07).
+Hand-overs cost almost nothing: the workers import papermill once, before their first notebook; a kernel is
+killed once its last cell has run (a graceful shutdown waited 1.3 s for TensorFlow to exit); the HTML is rendered
+beside the next notebook (those three took 2-3 s at each hand-over); and a worker with nothing ready to run starts
+the next waiting notebook's kernel and imports Keras and TensorFlow in it (:class:`_WarmKernel`, 3-4 s), so
+lessons 06 and 07 start with their imports done.
 
 Running side by side changed no result (every notebook seeds its own work: two synthetic reports, one and two
 at a time, wrote the same metrics.json but for wall times, and a 3-seed PneumoniaMNIST bench gave the same
@@ -63,6 +64,12 @@ class Task:
     parameters: dict = field(default_factory=dict)
     kernel: str | None = None
     cwd: Path = field(default_factory=lambda: config.NOTEBOOKS_DIR)  # fixed here: a child process re-imports config
+    # Code a kernel started ahead of its notebook runs while it waits (see _WarmKernel); it should bind no names,
+    # so that the notebook still imports what it uses. The lessons preload Keras (and with it TensorFlow).
+    preload: str = ""
+
+
+LESSON_PRELOAD = "import keras as _medlab_preloaded; del _medlab_preloaded"
 
 
 def waits_for(stems: list[str]) -> dict[str, set[str]]:
@@ -115,26 +122,64 @@ def execute(task: Task, progress: bool | dict = True, log_output: bool = True) -
             render_html(task.output)
 
 
-def _papermill(task: Task, progress: bool | dict, log_output: bool) -> float:
+def _papermill(task: Task, progress: bool | dict, log_output: bool, warm: _WarmKernel | None = None) -> float:
     """Execute ``task`` with papermill (no HTML); return its wall time or raise :class:`NotebookFailed`.
 
-    The kernel is killed as soon as the last cell has run (``shutdown_kernel="immediate"``): every output a
-    lesson keeps is written by its cells, and a graceful shutdown waited 1.3 s for TensorFlow's kernel to exit.
+    ``warm``: a kernel started ahead for this task, used (and shut down) instead of starting one. The kernel is
+    killed as soon as the last cell has run: every output a lesson keeps is written by its cells, and a graceful
+    shutdown (papermill's default) waited 1.3 s for TensorFlow's kernel to exit.
     """
     import papermill
 
     started = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="medlab-kernel-") as sockets:
+        with contextlib.ExitStack() as stack:
+            sockets = stack.enter_context(tempfile.TemporaryDirectory(prefix="medlab-kernel-"))
+            if warm is not None:
+                stack.callback(warm.stop)
             papermill.execute_notebook(
                 str(task.notebook), str(task.output), parameters=task.parameters, kernel_name=task.kernel,
                 progress_bar=progress, log_output=log_output, cwd=str(task.cwd), config=_kernel_config(sockets),
-                shutdown_kernel="immediate",
+                shutdown_kernel="immediate", km=None if warm is None else warm.manager,
             )
     except Exception as error:  # PapermillExecutionError, kernel death, missing kernel ...
         raise NotebookFailed(task.notebook, getattr(error, "ename", type(error).__name__),
                              getattr(error, "evalue", str(error))) from None
     return time.perf_counter() - started
+
+
+class _WarmKernel:
+    """A kernel started before its notebook is ready, running the task's ``preload`` meanwhile.
+
+    A worker waiting for the notebooks a task needs starts one, so that when they finish the task's first
+    cell runs at once: the kernel's start (0.5 s) and a lesson's TensorFlow and Keras imports (3-4 s) are
+    already done, and they were done while a core was free (a worker only waits while at most the other
+    notebooks run).
+    """
+
+    def __init__(self, task: Task):
+        from jupyter_client.manager import KernelManager
+
+        self.suits = _warm_key(task)
+        self._folder = tempfile.TemporaryDirectory(prefix="medlab-kernel-")
+        self.manager = KernelManager(kernel_name=self.suits[0], config=_kernel_config(self._folder.name))
+        preload = [f"--IPKernelApp.exec_lines={task.preload}"] if task.preload else []
+        # papermill's kernels keep no history file either
+        self.manager.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:", *preload],
+                                  cwd=str(task.cwd))
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):  # it may have died already
+            self.manager.shutdown_kernel(now=True)
+        self._folder.cleanup()
+
+
+def _warm_key(task: Task) -> tuple[str, str, str]:
+    """What a kernel started ahead must match to run ``task``: kernel name, working folder, preload."""
+    import nbformat
+
+    kernel = task.kernel or nbformat.read(task.notebook, as_version=4).metadata["kernelspec"]["name"]
+    return kernel, str(task.cwd), task.preload
 
 
 def _kernel_config(folder: str):
@@ -152,24 +197,36 @@ def _kernel_config(folder: str):
 def _worker(connection) -> None:
     """A child process's whole work: execute the tasks it is sent, one at a time, and send back each one's time.
 
-    papermill is imported once, before the first task arrives, so a notebook that becomes ready starts at once.
-    ``None`` ends the loop. A failure is sent back as its reason and detail.
+    papermill is imported once, before the first task arrives. Messages: ``("warm", task)`` starts a kernel for
+    ``task`` ahead (:class:`_WarmKernel`), ``("run", task, progress)`` executes it (in the warm kernel if that
+    suits it), ``None`` ends the loop. A failure is sent back as its reason and detail.
     """
     import papermill  # noqa: F401 - imported here, while the worker waits
 
+    warm = None
     try:
         while (message := connection.recv()) is not None:
-            task, progress = message
+            kind, task, *progress = message
+            if kind == "warm":
+                with contextlib.suppress(Exception):  # no warm kernel: papermill starts one (and reports why not)
+                    warm = warm or _WarmKernel(task)
+                continue
+            if warm is not None and warm.suits != _warm_key(task):
+                warm.stop()
+                warm = None
             try:
-                connection.send({"seconds": _papermill(task, progress, log_output=False)})
+                connection.send({"seconds": _papermill(task, progress[0], log_output=False, warm=warm)})
             except NotebookFailed as failure:
                 connection.send({"reason": failure.reason, "detail": failure.detail})
+            warm = None
     except EOFError:  # the parent has gone
         pass
     except BaseException as error:  # noqa: BLE001 - anything else (an interrupt too) must reach the parent
         with contextlib.suppress(OSError):
             connection.send({"reason": type(error).__name__, "detail": str(error)})
     finally:
+        if warm is not None:
+            warm.stop()
         connection.close()
 
 
@@ -205,55 +262,81 @@ def _run_side_by_side(tasks: list[Task], at_once: int, progress: bool) -> dict[s
     waits = waits_for(list(by_stem))
     waiting = execution_order(list(by_stem))
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or TensorFlow
-    workers = [_start_worker(context, slot) for slot in range(min(at_once, len(tasks)))]
-    running: dict[int, str] = {}  # slot -> stem
+    workers = [_Worker(context, slot) for slot in range(min(at_once, len(tasks)))]
     timings: dict[str, float] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlab-html") as renderer:
         rendered = []
         try:
-            while waiting or running:
-                free_slots = [slot for slot in range(len(workers)) if slot not in running]
-                for stem in [stem for stem in waiting if waits[stem] <= timings.keys()][:len(free_slots)]:
-                    slot = free_slots.pop(0)
-                    bar = {"desc": stem, "position": slot, "leave": False} if progress else False
-                    with contextlib.suppress(BrokenPipeError):  # a worker that died is reported below
-                        workers[slot][1].send((by_stem[stem], bar))
-                    running[slot] = stem
-                    waiting.remove(stem)
-                    print(f"[medlab] {stem}.ipynb started ({len(running)} running)", flush=True)
+            while waiting or any(worker.running for worker in workers):
+                ready = [stem for stem in waiting if waits[stem] <= timings.keys()]
+                _dispatch(workers, waiting, ready, by_stem, progress)
                 # (something always runs here: a notebook waits only for earlier ones, so the first one waiting can start)
-                busy = {workers[slot][1]: slot for slot in running} | {workers[slot][0].sentinel: slot for slot in running}
-                for slot in {busy[ready] for ready in wait(list(busy))}:
-                    process, connection = workers[slot]
-                    stem = running.pop(slot)
-                    result = _result(connection, process)
+                for worker in _finished(workers):
+                    stem, worker.running = worker.running, None
+                    result = _result(worker.connection, worker.process)
                     if "seconds" not in result:
-                        for other in running.values():
-                            print(f"[medlab] stopping {other}.ipynb", flush=True)
-                        _stop([process for process, _ in workers])
+                        for other in workers:
+                            if other.running:
+                                print(f"[medlab] stopping {other.running}.ipynb", flush=True)
+                        _stop([other.process for other in workers])
                         if by_stem[stem].output.exists():
                             render_html(by_stem[stem].output)
                         raise NotebookFailed(by_stem[stem].notebook, result["reason"], result["detail"])
                     timings[stem] = round(result["seconds"], 2)
                     rendered.append(renderer.submit(render_html, by_stem[stem].output))
                     print(f"[medlab] {stem}.ipynb done in {timings[stem]:.1f} s", flush=True)
-            for process, connection in workers:
-                connection.send(None)
-                process.join()
+            for worker in workers:
+                worker.send(None)
+                worker.process.join()
             for future in rendered:
                 future.result()  # an HTML file that could not be written raises here
         finally:
-            _stop([process for process, _ in workers])
+            _stop([worker.process for worker in workers])
     return {stem: timings[stem] for stem in by_stem if stem in timings}
 
 
-def _start_worker(context, slot: int):
-    """A spawned :func:`_worker` process and this side's end of its (two-way) pipe."""
-    here, there = context.Pipe()
-    process = context.Process(target=_worker, args=(there,), name=f"medlab-notebooks-{slot + 1}")
-    process.start()
-    there.close()
-    return process, here
+class _Worker:
+    """This process's handle on a spawned :func:`_worker`: its pipe, the notebook it runs, whether it has a warm kernel."""
+
+    def __init__(self, context, slot: int):
+        self.connection, there = context.Pipe()
+        self.process = context.Process(target=_worker, args=(there,), name=f"medlab-notebooks-{slot + 1}")
+        self.process.start()
+        there.close()
+        self.slot, self.running, self.warm = slot, None, False
+
+    def send(self, message) -> None:
+        with contextlib.suppress(OSError):  # a worker that died (broken pipe, reset) is reported when its result is read
+            self.connection.send(message)
+
+
+def _dispatch(workers: list[_Worker], waiting: list[str], ready: list[str], by_stem: dict, progress: bool) -> None:
+    """Start ``ready`` notebooks on idle workers, those with a warm kernel first; warm kernels for the rest waiting."""
+    idle = sorted((worker for worker in workers if not worker.running), key=lambda worker: not worker.warm)
+    for stem in ready[:len(idle)]:
+        worker = idle.pop(0)
+        bar = {"desc": stem, "position": worker.slot, "leave": False} if progress else False
+        worker.send(("run", by_stem[stem], bar))
+        worker.running, worker.warm = stem, False
+        waiting.remove(stem)
+        print(f"[medlab] {stem}.ipynb started ({sum(bool(other.running) for other in workers)} running)", flush=True)
+    unwarmed = [worker for worker in idle if not worker.warm]
+    for worker in unwarmed[:max(0, len(waiting) - (len(idle) - len(unwarmed)))]:
+        worker.send(("warm", by_stem[waiting[0]]))
+        worker.warm = True
+
+
+def _finished(workers: list[_Worker]) -> list[_Worker]:
+    """Wait until a running worker reports (or dies); return those that did."""
+    busy = {}
+    for worker in workers:
+        if worker.running:
+            busy[worker.connection] = busy[worker.process.sentinel] = worker
+    finished = []
+    for ready in wait(list(busy)):
+        if busy[ready] not in finished:
+            finished.append(busy[ready])
+    return finished
 
 
 def _result(receiver, process) -> dict:
@@ -261,7 +344,7 @@ def _result(receiver, process) -> dict:
     try:
         if receiver.poll():
             return receiver.recv()
-    except EOFError:
+    except (EOFError, OSError):
         pass
     process.join(5)
     return {"reason": "ChildProcessError", "detail": f"the process running it exited with code {process.exitcode} "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from medlab import config
 from medlab.evaluate import HEADLINE_METRICS
-from medlab.execution import NotebookFailed, Task, run_notebooks
+from medlab.execution import LESSON_PRELOAD, NotebookFailed, Task, run_notebooks
 from medlab.html import render
 from medlab.runs import RunFolder, read_json, run_name, write_json
 
@@ -147,7 +147,8 @@ def _tasks(chosen: list[Path], staging: Path, given: dict, kernel: str | None) -
     for notebook in chosen:
         declared = papermill.inspect_notebook(str(notebook))
         passed = {key: value for key, value in given.items() if key in declared}
-        tasks.append(Task(notebook, RunFolder(staging).executed_notebook(notebook), passed, kernel))
+        tasks.append(Task(notebook, RunFolder(staging).executed_notebook(notebook), passed, kernel,
+                          preload=LESSON_PRELOAD))
     return tasks
 
 

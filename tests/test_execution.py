@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -135,3 +136,14 @@ def test_a_script_without_a_main_guard_is_told_so(folder):
                               cwd=folder, env={**os.environ, "PYTHONPATH": str(config.PROJECT_ROOT)})
     assert finished.returncode != 0
     assert "ChildProcessError" in finished.stderr and "__main__" in finished.stderr
+
+
+def test_a_waiting_notebook_runs_in_a_kernel_started_ahead_with_its_preload(folder):
+    """While 05 waits for 04, the idle worker starts 05's kernel and runs the preload: 05 then runs in it."""
+    preload = "import os as _preloaded; open('preloaded.pid', 'w').write(str(_preloaded.getpid())); del _preloaded"
+    tasks = [_notebook(folder, "01_quick", "print('quick')"), _notebook(folder, "04_slow", _timed("04_slow", 4)),
+             _notebook(folder, "05_needs_04", "import os\nassert '_preloaded' not in globals()\n"
+                                              "open('05.pid', 'w').write(str(os.getpid()))")]
+    tasks = [dataclasses.replace(task, preload=preload) for task in tasks]
+    run_notebooks(tasks, at_once=2, progress=False)
+    assert (folder / "05.pid").read_text() == (folder / "preloaded.pid").read_text()
