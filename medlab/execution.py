@@ -3,7 +3,8 @@
 A notebook alone leaves a 2-core CPU idle much of the time: its imports, data loading, plotting and file
 writing use one core, and even training kept both cores only about 85% busy (a synthetic ``make reports``
 used 113% of the 200% it had). Lessons 01, 02, 03 and 04 read nothing another lesson writes, so
-:func:`run_notebooks` runs them side by side, each in its own kernel, driven by one of two worker processes.
+:func:`run_notebooks` runs them side by side, each in its own kernel, driven by one of ``at_once`` worker
+processes (two by default).
 :data:`NEEDS` says which earlier notebooks each one waits for; a notebook not listed there waits for every
 notebook before it.
 
@@ -125,6 +126,8 @@ def execute(task: Task, progress: bool | dict = True, log_output: bool = True) -
 def _papermill(task: Task, progress: bool | dict, log_output: bool, warm: _WarmKernel | None = None) -> float:
     """Execute ``task`` with papermill (no HTML); return its wall time or raise :class:`NotebookFailed`.
 
+    The wall time starts at papermill's call: a warm kernel's start and preload, done before, are not in it.
+
     ``warm``: a kernel started ahead for this task, used (and shut down) instead of starting one. The kernel is
     killed as soon as the last cell has run: every output a lesson keeps is written by its cells, and a graceful
     shutdown (papermill's default) waited 1.3 s for TensorFlow's kernel to exit.
@@ -151,16 +154,18 @@ def _papermill(task: Task, progress: bool | dict, log_output: bool, warm: _WarmK
 class _WarmKernel:
     """A kernel started before its notebook is ready, running the task's ``preload`` meanwhile.
 
-    A worker waiting for the notebooks a task needs starts one, so that when they finish the task's first
-    cell runs at once: the kernel's start (0.5 s) and a lesson's TensorFlow and Keras imports (3-4 s) are
-    already done, and they were done while a core was free (a worker only waits while at most the other
-    notebooks run).
+    A worker with nothing ready to run starts one for the first notebook waiting, so that when its needs are
+    met its first cell runs at once: the kernel's start (0.5 s) and a lesson's TensorFlow and Keras imports
+    (3-4 s) are already done, and done while a core was free (an idle worker means fewer notebooks run than
+    there are workers).
     """
 
     def __init__(self, task: Task):
         from jupyter_client.manager import KernelManager
 
         self.suits = _warm_key(task)
+        if self.suits[0] is None:
+            raise ValueError(f"{task.notebook.name} names no kernel")  # papermill will say so when it runs
         self._folder = tempfile.TemporaryDirectory(prefix="medlab-kernel-")
         self.manager = KernelManager(kernel_name=self.suits[0], config=_kernel_config(self._folder.name))
         preload = [f"--IPKernelApp.exec_lines={task.preload}"] if task.preload else []
@@ -178,7 +183,7 @@ def _warm_key(task: Task) -> tuple[str, str, str]:
     """What a kernel started ahead must match to run ``task``: kernel name, working folder, preload."""
     import nbformat
 
-    kernel = task.kernel or nbformat.read(task.notebook, as_version=4).metadata["kernelspec"]["name"]
+    kernel = task.kernel or nbformat.read(task.notebook, as_version=4).metadata.get("kernelspec", {}).get("name")
     return kernel, str(task.cwd), task.preload
 
 
