@@ -68,10 +68,11 @@ test: setup browser ## Unit tests and, side by side, every notebook under nbval 
 	@echo "unit tests (log: build/unit-tests.log, shown at the end) and notebooks run side by side"
 	@$(PY) -m pytest tests --ignore=tests/test_reports.py -p no:cacheprovider --durations=15 \
 		> build/unit-tests.log 2>&1 & unit=$$!; \
-	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db $(PY) -m pytest $(NBVAL_DIR) --nbval-lax \
-		--nbval-kernel-name $(KERNEL) -p no:cacheprovider --durations=10 \
-		&& MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db $(PY) -m medlab.tracking check \
-		&& $(PY) -m pytest tests/test_reports.py -p no:cacheprovider --durations=5; notebooks=$$?; \
+	export MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db; \
+	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider --durations=10 \
+		&& $(PY) -m medlab.tracking check \
+		&& env -u MLFLOW_TRACKING_URI $(PY) -m pytest tests/test_reports.py -p no:cacheprovider --durations=5; \
+	notebooks=$$?; \
 	wait $$unit; units=$$?; cat build/unit-tests.log; \
 	echo "make test: notebooks and test_reports exit $$notebooks, other unit tests exit $$units"; \
 	[ $$notebooks = 0 ] && [ $$units = 0 ]

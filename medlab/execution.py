@@ -11,8 +11,9 @@ notebook before it.
 Hand-overs cost almost nothing: the workers import papermill once, before their first notebook; a kernel is
 killed once its last cell has run (a graceful shutdown waited 1.3 s for TensorFlow to exit); the HTML is rendered
 beside the next notebook (those three took 2-3 s at each hand-over); and a worker with nothing ready to run starts
-the next waiting notebook's kernel and imports Keras and TensorFlow in it (:class:`_WarmKernel`, 3-4 s), so
-lessons 06 and 07 start with their imports done.
+the next waiting notebook's kernel and imports Keras and TensorFlow in it (:class:`_WarmKernel`, 3-4 s), so a
+notebook that had to wait while a worker was free (lesson 07 always, 06 when 01 and 02 are done before 03-05)
+starts with its imports done.
 
 Running side by side changed no result (every notebook seeds its own work: two synthetic reports, one and two
 at a time, wrote the same metrics.json but for wall times, and a 3-seed PneumoniaMNIST bench gave the same
@@ -239,9 +240,10 @@ def run_notebooks(tasks: list[Task], at_once: int = 1, progress: bool = True) ->
     """Execute ``tasks`` (in notebook order), at most ``at_once`` at a time; return each one's wall time.
 
     With ``at_once=1`` they run one after the other in this process, with a progress bar and the cells'
-    output streamed to the log. With more, each runs in its own process (a progress bar per notebook, no
-    streamed output) as soon as the notebooks it needs (:data:`NEEDS`) have finished. The first failure
-    stops the notebooks still running and raises :class:`NotebookFailed`.
+    output streamed to the log. With more, ``at_once`` worker processes run them (a progress bar per worker,
+    no streamed output), each as soon as the notebooks it needs (:data:`NEEDS`) have finished, in the order
+    of :func:`execution_order`. The first failure stops the notebooks still running and raises
+    :class:`NotebookFailed`.
     """
     if at_once < 1:
         raise ValueError(f"at_once must be at least 1, got {at_once}")
