@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlab.data import dicom
+from medlab.data import dicom, images_dataset
 from medlab.data.folder import (
     IMAGE_SUFFIXES,
     TF_DECODABLE,
@@ -100,7 +100,7 @@ class Predictor:
         else:
             batch = np.asarray(images, dtype="float32")
             output = (self.keras_model(batch, training=False).numpy() if len(batch) <= 64
-                      else self.keras_model.predict(batch, batch_size=64, verbose=0))
+                      else self.keras_model.predict(images_dataset(batch, 64), verbose=0))
             output = output[:, 0] if output.shape[1] == 1 else output
         return np.stack([1.0 - output, output], axis=1) if output.ndim == 1 else output
 

@@ -20,7 +20,7 @@ import pandas as pd
 import tensorflow as tf
 
 from medlab import config
-from medlab.data import Dataset, Split, batches_per_pass, make_tf_dataset
+from medlab.data import Dataset, Split, batches_per_pass, images_dataset, make_tf_dataset
 from medlab.models import keep_checkpoint_float32
 from medlab.runs import ModelFolder, read_json, write_json
 
@@ -324,7 +324,7 @@ def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 25
     from medlab.models import HEAD_PREFIX
 
     extractor = keras.Model(model.input, model.get_layer(f"{HEAD_PREFIX}pool").output)
-    return extractor.predict(np.asarray(images, dtype="float32"), batch_size=batch_size, verbose=0)
+    return extractor.predict(images_dataset(images, batch_size), verbose=0)
 
 
 def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
@@ -493,7 +493,7 @@ def predict(model: keras.Model, split: Split, batch_size: int = 256) -> np.ndarr
 
 def predict_images(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Probabilities for uint8 images: (N,) of the positive class for binary models, (N, C) otherwise."""
-    probabilities = model.predict(np.asarray(images, dtype="float32"), batch_size=batch_size, verbose=0)
+    probabilities = model.predict(images_dataset(images, batch_size), verbose=0)
     return probabilities[:, 0] if probabilities.shape[1] == 1 else probabilities
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medlab.data import DataError, batches_per_pass, load_dataset, make_tf_dataset
+from medlab.data import DataError, batches_per_pass, images_dataset, load_dataset, make_tf_dataset
 
 CHEST = {"NORMAL": 40, "PNEUMONIA": 160}
 
@@ -148,6 +148,24 @@ def test_repeated_tf_dataset_reshuffles_each_pass_in_whole_batches(tiny_npz):
     for ours, theirs in zip(got, expected):
         np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(np.concatenate(got[:3]), np.concatenate(got[3:6]))  # reshuffled each pass
+
+
+def test_pipelines_do_not_autotune(tiny_npz):
+    """An autotuned iterator's deletion waited for tf.data's next tuning wake-up: up to as long again as it ran."""
+    dataset = load_dataset(tiny_npz)
+    for pipeline in (make_tf_dataset(dataset.train, 2, 16, shuffle=True, augmentation=lambda x, training: x,
+                                     repeat=True), images_dataset(dataset.test.images, 16)):
+        options = pipeline.options()
+        assert options.autotune.enabled is False and options.threading.max_intra_op_parallelism == 1
+
+
+def test_images_dataset_batches_the_images_as_float32(tiny_npz):
+    images = load_dataset(tiny_npz).test.images
+    batches = [batch.numpy() for batch in images_dataset(images, batch_size=5)]
+    assert [len(batch) for batch in batches] == [5, 5, 2] and batches[0].dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate(batches), images.astype(np.float32))
+    with pytest.raises(ValueError):
+        images_dataset(images, batch_size=0)
 
 
 def test_bad_arguments_raise_value_error(tiny_npz):

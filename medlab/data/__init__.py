@@ -28,12 +28,12 @@ Images stay in [0, 255]. Scaling and normalisation belong to each model
 exported model takes raw pixels and cannot be fed the wrong scale.
 """
 
-from medlab.data.pipeline import batches_per_pass, make_tf_dataset
+from medlab.data.pipeline import batches_per_pass, images_dataset, make_tf_dataset
 from medlab.data.registry import SOURCES, LoadOptions, load_dataset
 from medlab.data.splitting import carve_groups, carve_validation
 from medlab.data.types import SPLITS, DataError, Dataset, DatasetInfo, Split
 
 __all__ = [
     "SOURCES", "SPLITS", "DataError", "Dataset", "DatasetInfo", "LoadOptions", "Split",
-    "carve_groups", "carve_validation", "load_dataset", "make_tf_dataset", "batches_per_pass",
+    "carve_groups", "carve_validation", "load_dataset", "make_tf_dataset", "images_dataset", "batches_per_pass",
 ]
