@@ -56,11 +56,13 @@ def _rate(step, flops: float, repeats: int) -> float:
     return flops * repeats / (time.perf_counter() - started)
 
 
-def attainable_rates(repeats: int = 10, batch_size: int = 64) -> dict:
+def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = True) -> dict:
     """GFLOP/s of a large matmul and of 3x3 Conv2D forward+backward at :data:`CONV_SHAPES`, float32 and bfloat16.
 
     The bfloat16 convolutions are the yardstick for a model trained under
     ``mixed_bfloat16`` (lesson 03 on a CPU with bfloat16 instructions, :func:`medlab.train.set_mixed_precision`).
+    ``bfloat16=False`` leaves them out: on a CPU without those instructions they are emulated (8 GFLOP/s
+    against 171 in float32 on an AVX2-only AMD EPYC), measure nothing lesson 03 uses and take a minute.
     """
     import tensorflow as tf
 
@@ -68,7 +70,7 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64) -> dict:
     left, right = generator.normal((2048, 2048)), generator.normal((2048, 2048))
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
     results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats) / 1e9}
-    for dtype, suffix in ((tf.float32, ""), (tf.bfloat16, "_bfloat16")):
+    for dtype, suffix in ((tf.float32, ""), (tf.bfloat16, "_bfloat16"))[:2 if bfloat16 else 1]:
         conv_rates = {}
         for side, channels_in, channels_out in CONV_SHAPES:
             inputs = tf.Variable(tf.cast(generator.normal((batch_size, side, side, channels_in)), dtype))
@@ -276,9 +278,10 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     """
     from medlab.train import cpu_trains_bfloat16
 
-    peak = attainable_rates()
+    bfloat16 = cpu_trains_bfloat16()
+    peak = attainable_rates(bfloat16=bfloat16)
     variants = [("float32", "", peak["attainable_conv2d_gflops"])]
-    if cpu_trains_bfloat16():
+    if bfloat16:
         variants.append(("mixed_bfloat16", "_bfloat16", peak["attainable_conv2d_gflops_bfloat16"]))
     rows = {}
     for name, (build, side, channels) in lesson_models().items():

@@ -25,6 +25,15 @@ def test_scratch_cnn_flops_match_the_arithmetic():
     assert speed.forward_flops(model) == expected
 
 
+def test_attainable_rates_measure_bfloat16_only_when_asked():
+    float32_only = speed.attainable_rates(repeats=1, batch_size=2, bfloat16=False)
+    assert set(float32_only) == {"matmul_2048_gflops", "conv2d_train_gflops", "attainable_conv2d_gflops"}
+    assert float32_only["attainable_conv2d_gflops"] == max(float32_only["conv2d_train_gflops"].values()) > 0
+    both = speed.attainable_rates(repeats=1, batch_size=2)
+    assert set(both["conv2d_train_gflops_bfloat16"]) == set(both["conv2d_train_gflops"])
+    assert both["attainable_conv2d_gflops_bfloat16"] > 0
+
+
 @pytest.mark.parametrize("switched_off", ["fused_batchnorm", "determinism"])
 def test_measure_training_runs_each_variant(switched_off):
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
