@@ -62,7 +62,7 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = T
     The bfloat16 convolutions are the yardstick for a model trained under
     ``mixed_bfloat16`` (lesson 03 on a CPU with bfloat16 instructions, :func:`medlab.train.set_mixed_precision`).
     ``bfloat16=False`` leaves them out: on a CPU without those instructions they are emulated (8 GFLOP/s
-    against 171 in float32 on an AVX2-only AMD EPYC), measure nothing lesson 03 uses and take a minute.
+    against 171 in float32 on an AVX2-only AMD EPYC), measure nothing lesson 03 uses and, at that rate, take tens of seconds.
     """
     import tensorflow as tf
 
