@@ -70,7 +70,8 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = T
     left, right = generator.normal((2048, 2048)), generator.normal((2048, 2048))
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
     results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats) / 1e9}
-    for dtype, suffix in ((tf.float32, ""), (tf.bfloat16, "_bfloat16"))[:2 if bfloat16 else 1]:
+    precisions = [(tf.float32, "")] + ([(tf.bfloat16, "_bfloat16")] if bfloat16 else [])
+    for dtype, suffix in precisions:
         conv_rates = {}
         for side, channels_in, channels_out in CONV_SHAPES:
             inputs = tf.Variable(tf.cast(generator.normal((batch_size, side, side, channels_in)), dtype))
