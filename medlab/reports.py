@@ -181,14 +181,16 @@ def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, par
 
 
 def training_devices(records: dict) -> dict:
-    """The GPUs and precision policies the run's models really trained with (from their ``training.json``)."""
-    gpus, precisions = set(), set()
+    """The GPUs, precision policies and oneDNN use the run's models really trained with (from their ``training.json``)."""
+    gpus, precisions, onednn = set(), set(), set()
     for record in records.values():
         devices = (record.get("training") or {}).get("devices") if isinstance(record, dict) else None
         if devices:
             gpus.update(devices.get("gpus", []))
             precisions.add(devices.get("precision", "float32"))
-    return {"gpus": sorted(gpus), "training_precision": sorted(precisions)}
+            if devices.get("onednn") is not None:  # recorded since oneDNN was asked for
+                onednn.add(devices["onednn"])
+    return {"gpus": sorted(gpus), "training_precision": sorted(precisions), "training_onednn": sorted(onednn)}
 
 
 def warn(message: str) -> None:

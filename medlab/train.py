@@ -58,7 +58,22 @@ def skip_graph_rewrites_on_cpu() -> bool:
 def devices_used() -> dict:
     """The devices TensorFlow trains on here, as recorded in ``training.json`` and ``metrics.json``."""
     return {"gpus": [device.name for device in tf.config.list_logical_devices("GPU")],
-            "cpu_count": config.cpu_count(), "precision": keras.mixed_precision.global_policy().name}
+            "cpu_count": config.cpu_count(), "precision": keras.mixed_precision.global_policy().name,
+            "onednn": onednn_enabled()}
+
+
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs oneDNN's CPU kernels in this process (None if this TensorFlow cannot say).
+
+    ``import medlab`` asks for them (``TF_ENABLE_ONEDNN_OPTS=1``) unless TensorFlow
+    was loaded first; on an AVX2 CPU they change the last digits of every
+    result, so a run records which kernels it had.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # a TensorFlow without this (private) switch
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import medlab  # noqa: F401  (before any test module loads TensorFlow: asks it for oneDNN, as the notebooks' kernel does)
+
 SHARED_PNEUMONIAMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
 
 

@@ -204,9 +204,12 @@ def test_headline_columns_follow_the_task():
 
 
 def test_training_devices_come_from_the_models_records():
-    records = {"model_a": {"training": {"devices": {"gpus": ["/device:GPU:0"], "precision": "mixed_float16"}}},
-               "model_b": {"training": {"devices": {"gpus": [], "precision": "float32"}}},
+    records = {"model_a": {"training": {"devices": {"gpus": ["/device:GPU:0"], "precision": "mixed_float16",
+                                                    "onednn": False}}},
+               "model_b": {"training": {"devices": {"gpus": [], "precision": "float32", "onednn": True}}},
+               "model_c": {"training": {"devices": {"gpus": [], "precision": "float32"}}},  # before oneDNN was recorded
                "audit": {"duplicate_groups": 3}}
     assert reports.training_devices(records) == {"gpus": ["/device:GPU:0"],
-                                                 "training_precision": ["float32", "mixed_float16"]}
-    assert reports.training_devices({}) == {"gpus": [], "training_precision": []}
+                                                 "training_precision": ["float32", "mixed_float16"],
+                                                 "training_onednn": [False, True]}
+    assert reports.training_devices({}) == {"gpus": [], "training_precision": [], "training_onednn": []}

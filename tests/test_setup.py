@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from medlab import config
 
 ROOT = config.PROJECT_ROOT
@@ -29,3 +31,13 @@ def test_core_packages_are_locked():
     for package in ("tensorflow", "keras", "jupyterlab", "papermill", "nbconvert", "pandas", "matplotlib",
                     "seaborn", "scikit-learn", "nbval", "ipykernel"):
         assert re.search(rf"^{package}==", lock, re.M), package
+
+
+def test_the_medlab_kernel_asks_for_onednn_as_import_medlab_does():
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("medlab")
+    except NoSuchKernel:
+        pytest.skip("no medlab kernel registered here (`make setup` registers it)")
+    assert spec.env.get("TF_ENABLE_ONEDNN_OPTS") == "1"  # notebooks import TensorFlow before medlab

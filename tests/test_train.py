@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -125,6 +126,16 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     """).replace("MODEL_DIR", str(tmp_path))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "REPLICAS 2 EPOCHS 1" in result.stdout, result.stderr[-2000:]
+
+
+def test_importing_medlab_asks_tensorflow_for_onednn_unless_told_not_to():
+    script = "import medlab, tensorflow; from medlab.train import onednn_enabled; print('ONEDNN', onednn_enabled())"
+    for setting, expected in ((None, "True"), ("0", "False")):
+        env = {name: value for name, value in os.environ.items() if name != "TF_ENABLE_ONEDNN_OPTS"}
+        if setting is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = setting
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        assert f"ONEDNN {expected}" in result.stdout, (setting, result.stderr[-2000:])
 
 
 def test_precise_batchnorm_sets_statistics_of_the_training_batches():
