@@ -26,7 +26,8 @@ import os
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) buries
 # what a student should read; keep warnings and errors. Set before TF loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# oneDNN's kernels: TensorFlow uses them by itself only on CPUs with AVX-512 VNNI or newer. On an AVX2 CPU
+# oneDNN's kernels: TensorFlow uses them by itself on Linux only on CPUs with VNNI, AVX512-BF16 or AMX
+# instructions (DefaultOneDnnPolicy in tensorflow/core/util/port.cc). On an AVX2-only CPU
 # (a 2-core AMD Zen 3) they trained lesson 03's 64 px CNN 1.3x faster (README, Training speed), with the
 # same weights on every rerun. Set before TensorFlow loads; `make setup` also sets it in the medlab kernel.
 # TF_ENABLE_ONEDNN_OPTS=0 in the environment keeps TensorFlow's own kernels.
