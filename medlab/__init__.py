@@ -28,7 +28,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN's kernels: TensorFlow uses them by itself on Linux only on CPUs with VNNI, AVX512-BF16 or AMX
 # instructions (DefaultOneDnnPolicy in tensorflow/core/util/port.cc). On an AVX2-only CPU
-# (a 2-core AMD Zen 3) they trained lesson 03's 64 px CNN 1.3x faster (README, Training speed), with the
+# (a 2-core AMD Zen 3) `model.fit` of lesson 03's 64 px CNN ran 1.3x faster (README, Training speed), with the
 # same weights on every rerun. Set before TensorFlow loads; `make setup` also sets it in the medlab kernel.
 # TF_ENABLE_ONEDNN_OPTS=0 in the environment keeps TensorFlow's own kernels.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

@@ -277,7 +277,7 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     trains in bfloat16 (a CPU with AMX or AVX512-BF16), its models are measured in bfloat16
     too (rows ``..._bfloat16``), against the bfloat16 convolution rate.
     """
-    from medlab.train import cpu_trains_bfloat16
+    from medlab.train import cpu_trains_bfloat16, onednn_enabled
 
     bfloat16 = cpu_trains_bfloat16()
     peak = attainable_rates(bfloat16=bfloat16)
@@ -301,14 +301,15 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
                 without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs)
                 row[f"without_{overhead}_images_per_s"] = round(without, 1)
             rows[name + suffix] = row
-    return {"cpu_count": config.cpu_count(), "attainable": peak, "models": rows,
+    return {"cpu_count": config.cpu_count(), "onednn": onednn_enabled(), "attainable": peak, "models": rows,
             "lessons": lesson_summary(run_dir) if run_dir else {}}
 
 
 def markdown(result: dict) -> str:
     """The speed table (what ``medlab bench speed`` prints)."""
     peak = result["attainable"]
-    lines = [f"Attainable on this machine ({result['cpu_count']} cores): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
+    kernels = {True: ", oneDNN kernels", False: ", TensorFlow's own kernels (oneDNN off)"}.get(result.get("onednn"), "")
+    lines = [f"Attainable on this machine ({result['cpu_count']} cores{kernels}): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
              "3x3 Conv2D forward+backward " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops"].items())
              + f" GFLOP/s (best {peak['attainable_conv2d_gflops']:.0f})."]
     if "conv2d_train_gflops_bfloat16" in peak:

@@ -98,6 +98,9 @@ def test_lesson_summary_and_markdown(tmp_path):
     table = speed.markdown(result)
     assert "| scratch_cnn_64px | 0.233 | 500 | 116 | 47% | 700 | 65% | 510 |" in table
     assert "bfloat16" not in table  # a CPU without bfloat16 instructions: float32 only
+    assert "(2 cores):" in table  # results from before oneDNN was recorded say nothing about it
+    assert "(2 cores, TensorFlow's own kernels (oneDNN off)):" in speed.markdown({**result, "onednn": False})
+    result["onednn"] = True
     result["attainable"].update({"conv2d_train_gflops_bfloat16": {"32px_32to64": 800.0},
                                  "attainable_conv2d_gflops_bfloat16": 800.0})
     result["models"]["scratch_cnn_64px_bfloat16"] = {
@@ -106,6 +109,7 @@ def test_lesson_summary_and_markdown(tmp_path):
         "step_percent_of_attainable": 43.7}
     with_bfloat16 = speed.markdown(result)
     assert "In bfloat16: 32px_32to64 800 GFLOP/s (best 800)" in with_bfloat16
+    assert "(2 cores, oneDNN kernels):" in with_bfloat16
     assert "| scratch_cnn_64px_bfloat16 | 0.233 | 1000 | 233 | 29% | 1500 | 44% | - |" in with_bfloat16
     assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table and "at a time" not in table
     json_path, markdown_path = speed.write_results(result, tmp_path / "bench")
