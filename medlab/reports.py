@@ -244,14 +244,17 @@ def _precision_lines(metrics: dict) -> list[str]:
 
 
 def _scratch_epochs_note(metrics: dict) -> str:
-    """How long lesson 04 trained its from-scratch backbone (at most ``scratch_epochs``), if recorded."""
-    training = (metrics.get("records", {}).get("model_transfer") or {}).get("training") or {}
-    if "epochs_run" not in training:
-        return ""
-    settings = training.get("config", {})
-    rate = f" at a learning rate of {settings['learning_rate']:g}" if "learning_rate" in settings else ""
-    return (f" Lesson 04 trained it for {training['epochs_run']} epochs{rate} (at most "
-            f"{settings.get('max_epochs')}, its `scratch_epochs`).")
+    """How long lessons 04 and 05 trained the from-scratch backbone (each at most its ``scratch_epochs``), if recorded."""
+    notes = ""
+    for lesson, name, verb in (("04", "model_transfer", "trained"), ("05", "model_fine_tuned", "fine-tuned")):
+        training = (metrics.get("records", {}).get(name) or {}).get("training") or {}
+        if "epochs_run" not in training:
+            continue
+        settings = training.get("config", {})
+        rate = f" at a learning rate of {settings['learning_rate']:g}" if "learning_rate" in settings else ""
+        notes += (f" Lesson {lesson} {verb} it for {training['epochs_run']} epochs{rate} (at most "
+                  f"{settings.get('max_epochs')}, its `scratch_epochs`).")
+    return notes
 
 
 def model_card(metrics: dict) -> str:
