@@ -29,19 +29,21 @@ SMOKE_PARAMETERS = {
     "weights": "none",  # the offline ImageNet path has its own unit test
     "backbone_size": 32,
     "fine_tune_layers": 5,
+    "ensemble_members": 2,  # enough to exercise lesson 03's averaging (its default would pick 3 at 32 px)
     "bootstrap_resamples": 50,
     "gradcam_images": 8,
     "gallery_size": 4,
     "representative_images": 16,
     "latency_repeats": 3,
     "solution_epochs": 1,  # the worked solutions that train run too, so they cannot rot
+    "solution_backbones": ["efficientnet_b0"],  # lesson 04's own MobileNetV2 trains the same way above
     "tracking": "mlflow",  # make test points MLFLOW_TRACKING_URI into build/nbval, then reads the runs back
 }
 
 
 # The multi-class path once more: train, evaluate and export on four classes (a subfolder, its own run).
 # One CNN, without test-time views and without the worked solution: the binary run above exercises those
-# (three members at 32 px), and tests/test_models.py covers averaging and views on four classes.
+# (two members), and tests/test_models.py covers averaging and views on four classes.
 FOUR_CLASS_NOTEBOOKS = ["03", "06", "07"]
 FOUR_CLASS_PARAMETERS = {"dataset": "synthetic-4class", "test_time_views": False, "ensemble_members": 1,
                          "solution_epochs": 0}
