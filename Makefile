@@ -76,7 +76,7 @@ test: setup browser ## Unit tests and, side by side, every notebook under nbval 
 	@$(PY) -m pytest tests --ignore=tests/test_reports.py -p no:cacheprovider --durations=15 \
 		> build/unit-tests.log 2>&1 & unit=$$!; \
 	export MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db; \
-	$(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider --durations=10 \
+	MEDLAB_RUN_EAGERLY=1 $(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider --durations=10 \
 		&& $(PY) -m medlab.tracking check \
 		&& env -u MLFLOW_TRACKING_URI $(PY) -m pytest tests/test_reports.py -p no:cacheprovider --durations=5; \
 	notebooks=$$?; \

@@ -163,7 +163,8 @@ def compile_model(model: keras.Model, num_classes: int, learning_rate: float = 1
         "full": [accuracy, keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall"),
                  keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="pr_auc")],
     }[metrics]
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=tracked)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=tracked,
+                  run_eagerly=config.run_eagerly())
     # Adam's two slots per weight, made now rather than inside the first traced train step, where Keras
     # otherwise makes them: there they cost MobileNetV2 (158 weights) 11 of the first step's 22 s, here 0.5 s.
     with model.distribute_strategy.scope():
@@ -252,14 +253,13 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     def _compile_moments(self, layers):
         inputs_of_layers = keras.Model(self.model.input, [layer.input for layer in layers])
 
-        @tf.function(reduce_retracing=True)
         def moments(batch):
             activations = inputs_of_layers(batch, training=True)
             if len(layers) == 1:
                 activations = [activations]
             return [tf.nn.moments(tf.cast(a, tf.float32), axes=list(range(len(a.shape) - 1))) for a in activations]
 
-        return moments
+        return moments if self.model.run_eagerly else tf.function(moments, reduce_retracing=True)
 
     def on_test_begin(self, logs=None):
         self.recalibrate()
@@ -334,12 +334,20 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
     return table
 
 
-def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """What a transfer model's frozen part makes of ``images``: the pooled backbone features (N, D)."""
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """A transfer model's frozen part as a model of its own: images in, pooled backbone features (N, D) out.
+
+    Reuse one extractor for several batches of images: each new one traces its prediction graph again
+    (about a second for MobileNetV2, more for larger backbones).
+    """
     from medlab.models import HEAD_PREFIX
 
-    extractor = keras.Model(model.input, model.get_layer(f"{HEAD_PREFIX}pool").output)
-    return extractor.predict(images_dataset(images, batch_size), verbose=0)
+    return keras.Model(model.input, model.get_layer(f"{HEAD_PREFIX}pool").output)
+
+
+def frozen_features(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """What a transfer model's frozen part makes of ``images``: the pooled backbone features (N, D)."""
+    return feature_extractor(model).predict(images_dataset(images, batch_size), verbose=0)
 
 
 def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
@@ -364,18 +372,19 @@ def train_frozen_head(model: keras.Model, dataset: Dataset, model_dir: str | Pat
         raise ValueError(f"augmented_copies must be non-negative, got {augmented_copies}")
     folder = ModelFolder(Path(model_dir))
     train, started = dataset.train, time.perf_counter()
-    features = [frozen_features(model, train.images)]
+    extractor = feature_extractor(model)  # one for every pass below: its prediction graph is traced once
+    features = [extractor.predict(images_dataset(train.images, 256), verbose=0)]
     for _copy in range(augmented_copies if augmentation is not None else 0):
         augmented = np.concatenate([
             augmentation(train.images[start:start + 256].astype("float32"), training=True).numpy()
             for start in range(0, len(train), 256)])
-        features.append(frozen_features(model, augmented))
+        features.append(extractor.predict(images_dataset(augmented, 256), verbose=0))
     copies = len(features)
     feature_splits = {
         "train": Split(np.concatenate(features), np.tile(train.labels, copies), train.ids * copies,
                        train.hashes * copies),
-        "val": Split(frozen_features(model, dataset.val.images), dataset.val.labels, dataset.val.ids,
-                     dataset.val.hashes),
+        "val": Split(extractor.predict(images_dataset(dataset.val.images, 256), verbose=0), dataset.val.labels,
+                     dataset.val.ids, dataset.val.hashes),
         "test": dataset.test,  # not used for training
     }
     feature_seconds = time.perf_counter() - started

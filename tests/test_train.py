@@ -50,6 +50,20 @@ def test_two_runs_with_the_same_seed_give_the_same_weights(tiny, tmp_path):
     assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), third.get_weights()))
 
 
+def test_medlab_run_eagerly_trains_op_by_op_to_the_same_weights(tiny, tmp_path, monkeypatch):
+    traced, traced_history = _one_epoch(tiny, tmp_path / "traced")
+    assert not traced.run_eagerly
+    monkeypatch.setenv("MEDLAB_RUN_EAGERLY", "1")  # what make test's notebook runs set
+    eager, eager_history = _one_epoch(tiny, tmp_path / "eager")
+    assert eager.run_eagerly
+    for a, b in zip(traced.get_weights(), eager.get_weights()):  # precise BatchNorm's statistics included
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(traced_history, eager_history, rtol=1e-5)
+    monkeypatch.setenv("MEDLAB_RUN_EAGERLY", "yes")
+    with pytest.raises(ValueError, match="MEDLAB_RUN_EAGERLY must be 0 or 1"):
+        compile_model(traced, 2)
+
+
 def test_set_determinism_switches_grappler_off_on_a_cpu_only(monkeypatch):
     from medlab.train import skip_graph_rewrites_on_cpu
 
