@@ -36,8 +36,8 @@ SMOKE_PARAMETERS = {
     "representative_images": 16,
     "latency_repeats": 3,
     "solution_epochs": 1,  # the worked solutions that train run too, so they cannot rot
-    "solution_backbones": ["efficientnet_b0"],
-    "solution_calibration_images": 5,  # lesson 07's worked solution: int8 calibrated on five images  # lesson 04's own MobileNetV2 trains the same way above
+    "solution_backbones": ["efficientnet_b0"],  # lesson 04's own MobileNetV2 trains the same way above
+    "solution_calibration_images": 5,  # lesson 07's worked solution: int8 calibrated on five images
     "tracking": "mlflow",  # make test points MLFLOW_TRACKING_URI into build/nbval, then reads the runs back
 }
 
