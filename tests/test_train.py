@@ -264,7 +264,7 @@ def test_frozen_head_trains_on_cached_features_and_saves_one_model(tiny, tmp_pat
     from keras.src.legacy.saving import legacy_h5_format
 
     from medlab.models import build_transfer_model
-    from medlab.train import frozen_features, train_frozen_head
+    from medlab.train import feature_extractor, frozen_features, train_frozen_head
 
     keras.utils.set_random_seed(7)
     planted = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
@@ -285,7 +285,7 @@ def test_frozen_head_trains_on_cached_features_and_saves_one_model(tiny, tmp_pat
     assert saved.name == model.name and len(saved.layers) == len(model.layers)  # the whole flat model
     np.testing.assert_array_equal(saved.get_layer("Conv1").get_weights()[0], backbone_before)  # backbone untouched
     # The saved model predicts what the cached features and the head predict.
-    features = frozen_features(saved, tiny.test.images)
+    features = frozen_features(feature_extractor(saved), tiny.test.images)
     output = saved.get_layer("medlab_output")
     expected = features @ output.get_weights()[0] + output.get_weights()[1]
     expected = 1 / (1 + np.exp(-expected[:, 0]))
