@@ -156,14 +156,28 @@ def test_importing_medlab_asks_tensorflow_for_onednn_unless_told_not_to():
     assert onednn_enabled() is (os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1")
 
 
-def test_precise_batchnorm_sets_statistics_of_the_training_batches():
+@pytest.mark.parametrize("batchnorm", ["fused", "keras"])
+def test_precise_batchnorm_sets_statistics_of_the_training_batches(batchnorm):
+    from medlab.models import FusedBatchNormalization, clone_with_weights
+
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(32, 16, 16, 1)).astype("float32")
-    model = build_scratch_cnn((16, 16, 1), 2, images, filters=(4, 8), dense_units=8, dropout=0.0)
+    model = build_scratch_cnn((16, 16, 1), 2, images, filters=(4, 8), dense_units=8, dropout=0.5)
+    if batchnorm == "keras":
+        model = clone_with_weights(model, lambda layer: (
+            keras.layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else type(layer)
+        ).from_config(layer.get_config()))
+    assert all(type(layer) is keras.layers.BatchNormalization for layer in model.layers
+               if isinstance(layer, keras.layers.BatchNormalization)) is (batchnorm == "keras")
     model(images[:8], training=True)  # moving statistics now far from the data's
+    dropout_state = model.get_layer("head_dropout").seed_generator.state.numpy().copy()
     precise = PreciseBatchNorm(images, batch_size=32, max_batches=1, seed=0)  # one batch: all 32 images
     precise.set_model(model)
     precise.recalibrate()
+    assert [layer.momentum for layer in model.layers if "bn" in layer.name] == [0.9] * 3  # restored
+    # the head's dropout, after the last batch norm, did not run: training draws the same masks as without
+    np.testing.assert_array_equal(model.get_layer("head_dropout").seed_generator.state.numpy(), dropout_state)
+    model.get_layer("head_dropout").rate = 0.0
     # With the statistics of exactly this batch, inference mode reproduces training mode on it.
     np.testing.assert_allclose(model(images, training=False), model(images, training=True), atol=1e-4)
 
