@@ -10,7 +10,8 @@ measured on the same machine in the same run.
   is the yardstick. Also in bfloat16, the yardstick for lesson 03's models
   where the CPU has bfloat16 instructions and lesson 03 trains in bfloat16 (rows ``_bfloat16``).
 - **Achieved rate** of a lesson's model: training images/s (``model.fit``
-  epochs after a warm-up epoch, with validation) times the model's training
+  epochs of 1,600 images, as in lesson 03's synthetic default, after an
+  untimed warm-up, with validation of 400) times the model's training
   FLOPs per image. FLOPs are counted from the layers' output shapes: a
   convolution costs ``2 * kh * kw * Cin / groups * Cout`` per output pixel, a
   depthwise one ``2 * kh * kw`` per output value, a dense layer
@@ -41,23 +42,34 @@ import numpy as np
 
 from medlab import config
 from medlab.runs import RunFolder, read_json
+from medlab.synthetic import SyntheticConfig
 
 # Conv2D shapes (side, input channels, output channels) of lesson 03's blocks 2 and 3 at 64 px, and a wider one.
 CONV_SHAPES = ((32, 32, 64), (16, 64, 128), (32, 64, 64))
+# Training and validation images per epoch: as many as lesson 03 trains on in the synthetic default, so that what
+# an epoch adds around its steps (precise BN's fixed 512 images, the validation pass) weighs as it does there.
+TRAIN_IMAGES, VAL_IMAGES = SyntheticConfig().counts[:2]
 OVERHEADS = ("metrics", "precise_bn", "augmentation", "determinism", "validation", "fused_batchnorm")
 
 
-def _rate(step, flops: float, repeats: int) -> float:
+def _rate(step, flops: float, repeats: int, trials: int = 1) -> float:
+    """``flops`` x calls per second of ``step`` over ``repeats`` calls, the best of ``trials`` such runs."""
     step()  # trace and warm up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        result = step()
-    float(result)  # wait for the last step
-    return flops * repeats / (time.perf_counter() - started)
+    rates = []
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            result = step()
+        float(result)  # wait for the last step
+        rates.append(flops * repeats / (time.perf_counter() - started))
+    return max(rates)
 
 
-def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = True) -> dict:
+def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = True, trials: int = 3) -> dict:
     """GFLOP/s of a large matmul and of 3x3 Conv2D forward+backward at :data:`CONV_SHAPES`, float32 and bfloat16.
+
+    Each rate is the best of ``trials`` runs of ``repeats`` calls: what the CPU
+    attains, not its average over moments when something else ran.
 
     The bfloat16 convolutions are the yardstick for a model trained under
     ``mixed_bfloat16`` (lesson 03 on a CPU with bfloat16 instructions, :func:`medlab.train.set_mixed_precision`).
@@ -69,7 +81,7 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = T
     generator = tf.random.Generator.from_seed(0)
     left, right = generator.normal((2048, 2048)), generator.normal((2048, 2048))
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
-    results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats) / 1e9}
+    results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats, trials) / 1e9}
     precisions = [(tf.float32, "")] + ([(tf.bfloat16, "_bfloat16")] if bfloat16 else [])
     for dtype, suffix in precisions:
         conv_rates = {}
@@ -86,7 +98,7 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = T
                     tf.cast(kernel_gradient, tf.float32))
 
             flops = 3 * 2 * 9 * batch_size * side * side * channels_in * channels_out
-            conv_rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats) / 1e9
+            conv_rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats, trials) / 1e9
         results[f"conv2d_train_gflops{suffix}"] = conv_rates
         results[f"attainable_conv2d_gflops{suffix}"] = max(conv_rates.values())
     return results
@@ -127,12 +139,13 @@ def _toy_split(count: int, side: int, channels: int, num_classes: int, seed: int
 
 
 def measure_training(build_model, side: int, channels: int = 1, num_classes: int = 2, switched_off: str = "",
-                     train_images: int = 768, val_images: int = 256, batch_size: int = 64, epochs: int = 2,
+                     train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES, batch_size: int = 64, epochs: int = 2,
                      seed: int = config.DEFAULT_SEED, precision: str = "float32") -> float:
     """Training images/s of ``build_model(training_images, fused)`` as lesson 03/04 train it, one overhead off.
 
-    ``switched_off`` is one of :data:`OVERHEADS` or empty. One warm-up epoch
-    (tracing) is not timed; then ``epochs`` epochs are, validation included.
+    ``switched_off`` is one of :data:`OVERHEADS` or empty. A warm-up of two
+    training steps and one validation (which traces every function) is not
+    timed; then ``epochs`` epochs are, validation included.
     ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``).
     """
     import keras
@@ -161,8 +174,8 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
             val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
             callbacks = [] if switched_off in ("precise_bn", "validation") else [
                 PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
-            model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=steps, callbacks=callbacks,
-                      verbose=0)
+            model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=min(2, steps),
+                      callbacks=callbacks, verbose=0)
             started = time.perf_counter()
             model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
                       callbacks=callbacks, verbose=0)

@@ -25,6 +25,18 @@ def test_scratch_cnn_flops_match_the_arithmetic():
     assert speed.forward_flops(model) == expected
 
 
+def test_rate_is_the_best_of_its_trials():
+    import time
+
+    pauses = iter([0.0, 0.06, 0.005, 0.06])  # warm-up, then three trials of one call: the second is fast
+
+    def step():
+        time.sleep(next(pauses))
+        return 1.0
+
+    assert 1 / 0.03 < speed._rate(step, 1.0, repeats=1, trials=3) <= 1 / 0.005
+
+
 def test_attainable_rates_measure_bfloat16_only_when_asked():
     float32_only = speed.attainable_rates(repeats=1, batch_size=2, bfloat16=False)
     assert set(float32_only) == {"matmul_2048_gflops", "conv2d_train_gflops", "attainable_conv2d_gflops"}
