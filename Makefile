@@ -68,21 +68,25 @@ browser: ## Install Debian's chromium and chromedriver for the browser test (whe
 	fi
 
 # The unit tests run beside the notebooks under nbval; tests/test_reports.py (which executes lessons itself)
-# follows nbval, so that both legs take about as long.
+# follows nbval, so that both legs take about as long. tests/test_execution.py, which mostly waits for kernels
+# to start and notebooks to sleep, runs as a third process beside both.
 test: setup browser ## Unit tests and, side by side, every notebook under nbval with small parameters
 	rm -rf $(NBVAL_DIR)
 	$(PY) -m medlab.smoke $(NBVAL_DIR)
-	@echo "unit tests (log: build/unit-tests.log, shown at the end) and notebooks run side by side"
-	@$(PY) -m pytest tests --ignore=tests/test_reports.py -p no:cacheprovider --durations=15 \
-		> build/unit-tests.log 2>&1 & unit=$$!; \
+	@echo "unit tests (logs: build/unit-tests.log, build/execution-tests.log, shown at the end) and notebooks run side by side"
+	@$(PY) -m pytest tests --ignore=tests/test_reports.py --ignore=tests/test_execution.py -p no:cacheprovider \
+		--durations=15 > build/unit-tests.log 2>&1 & unit=$$!; \
+	$(PY) -m pytest tests/test_execution.py -p no:cacheprovider --durations=5 \
+		> build/execution-tests.log 2>&1 & execution=$$!; \
 	export MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(NBVAL_DIR)/mlruns.db; \
 	MEDLAB_RUN_EAGERLY=1 $(PY) -m pytest $(NBVAL_DIR) --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider --durations=10 \
 		&& $(PY) -m medlab.tracking check \
 		&& env -u MLFLOW_TRACKING_URI $(PY) -m pytest tests/test_reports.py -p no:cacheprovider --durations=5; \
 	notebooks=$$?; \
-	wait $$unit; units=$$?; cat build/unit-tests.log; \
-	echo "make test: notebooks and test_reports exit $$notebooks, other unit tests exit $$units"; \
-	[ $$notebooks = 0 ] && [ $$units = 0 ]
+	wait $$unit; units=$$?; wait $$execution; executions=$$?; cat build/unit-tests.log build/execution-tests.log; \
+	echo "make test: notebooks and test_reports exit $$notebooks, test_execution exit $$executions," \
+		"other unit tests exit $$units"; \
+	[ $$notebooks = 0 ] && [ $$units = 0 ] && [ $$executions = 0 ]
 
 serve: setup ## Start the web app on http://127.0.0.1:8000 for the newest run (RUN=reports/<run> to choose)
 	$(VENV)/bin/medlab serve $(if $(RUN),--run $(RUN))
