@@ -140,13 +140,14 @@ def _toy_split(count: int, side: int, channels: int, num_classes: int, seed: int
 
 def measure_training(build_model, side: int, channels: int = 1, num_classes: int = 2, switched_off: str = "",
                      train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES, batch_size: int = 64, epochs: int = 2,
-                     seed: int = config.DEFAULT_SEED, precision: str = "float32") -> float:
+                     seed: int = config.DEFAULT_SEED, precision: str = "float32", augmentation_config=None) -> float:
     """Training images/s of ``build_model(training_images, fused)`` as lesson 03/04 train it, one overhead off.
 
     ``switched_off`` is one of :data:`OVERHEADS` or empty. A warm-up of two
     training steps and one validation (which traces every function) is not
     timed; then ``epochs`` epochs are, validation included.
-    ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``).
+    ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``);
+    ``augmentation_config`` the lesson's :class:`medlab.augment.AugmentationConfig` (default: lesson 03's).
     """
     import keras
     from tensorflow.python.framework import config as tf_config
@@ -167,7 +168,7 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
             val = _toy_split(val_images, side, channels, num_classes, seed + 1)
             model = build_model(train.images, switched_off != "fused_batchnorm")
             compile_model(model, num_classes, metrics="loss" if switched_off == "metrics" else "training")
-            augmentation = None if switched_off == "augmentation" else build_augmentation(seed=seed)
+            augmentation = None if switched_off == "augmentation" else build_augmentation(augmentation_config, seed=seed)
             train_data = make_tf_dataset(train, num_classes, batch_size, shuffle=True, seed=seed,
                                          augmentation=augmentation, repeat=True)  # as train_model
             steps = batches_per_pass(train_images, batch_size)
@@ -290,6 +291,7 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     trains in bfloat16 (a CPU with AMX or AVX512-BF16), its models are measured in bfloat16
     too (rows ``..._bfloat16``), against the bfloat16 convolution rate.
     """
+    from medlab.augment import TRANSFER_AUGMENTATION
     from medlab.train import cpu_trains_bfloat16, onednn_enabled
 
     bfloat16 = cpu_trains_bfloat16()
@@ -300,10 +302,11 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     rows = {}
     for name, (build, side, channels) in lesson_models().items():
         train_gflop = 3 * forward_flops(build(np.zeros((2, side, side, channels), np.uint8), True)) / 1e9
+        lesson = {"augmentation_config": TRANSFER_AUGMENTATION if name.startswith("transfer") else None}
         for precision, suffix, attainable in variants:
             if suffix and not name.startswith("scratch_cnn"):
                 continue  # lessons 04-05 train MobileNetV2 in float32: slower in bfloat16 (its depthwise convolutions)
-            rate = measure_training(build, side, channels, epochs=epochs, precision=precision)
+            rate = measure_training(build, side, channels, epochs=epochs, precision=precision, **lesson)
             step_rate = measure_step(build, side, channels, precision=precision)
             row = {"side": side, "precision": precision, "train_gflop_per_image": round(train_gflop, 4),
                    "images_per_s": round(rate, 1), "achieved_gflops": round(rate * train_gflop, 1),
@@ -311,7 +314,7 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
                    "step_images_per_s": round(step_rate, 1),
                    "step_percent_of_attainable": round(100 * step_rate * train_gflop / attainable, 1)}
             for overhead in OVERHEADS if overheads and not suffix else ():
-                without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs)
+                without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs, **lesson)
                 row[f"without_{overhead}_images_per_s"] = round(without, 1)
             rows[name + suffix] = row
     return {"cpu_count": config.cpu_count(), "onednn": onednn_enabled(), "attainable": peak, "models": rows,

@@ -19,7 +19,7 @@ from medlab import config
 
 # Per lesson: what its technique cell must show (the lines a student is meant to read).
 REQUIRED = {
-    "02_augmentation": ["keras.layers.RandomRotation", "keras.layers.RandomContrast"],
+    "02_augmentation": ["keras.layers.RandomRotation", "keras.layers.RandomContrast", "affine_transform"],
     "03_scratch_cnn": ["keras.layers.Conv2D", "keras.layers.BatchNormalization", "keras.layers.MaxPooling2D",
                        "keras.layers.GlobalAveragePooling2D", "keras.Model(", "model.fit(",
                        "keras.callbacks.ModelCheckpoint", "keras.callbacks.EarlyStopping",
