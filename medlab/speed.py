@@ -11,7 +11,8 @@ measured on the same machine in the same run.
   where the CPU has bfloat16 instructions and lesson 03 trains in bfloat16 (rows ``_bfloat16``).
 - **Achieved rate** of a lesson's model: training images/s (``model.fit``
   epochs of 1,600 images, as in lesson 03's synthetic default, after an
-  untimed warm-up, with validation of 400) times the model's training
+  untimed warm-up, with validation of 400; the best of three runs of two
+  epochs, as the attainable rate is the best of three) times the model's training
   FLOPs per image. FLOPs are counted from the layers' output shapes: a
   convolution costs ``2 * kh * kw * Cin / groups * Cout`` per output pixel, a
   depthwise one ``2 * kh * kw`` per output value, a dense layer
@@ -24,7 +25,7 @@ measured on the same machine in the same run.
   pipeline, no validation, no callbacks. Its rate against the attainable one
   is how well the kernels themselves use the CPU; the gap to the achieved
   rate is what an epoch adds around the steps.
-- **Overheads**: the same measurement with one thing switched off at a time
+- **Overheads**: the same measurement (one run) with one thing switched off at a time
   (training metrics, precise BN, augmentation, op determinism, validation),
   and with Keras' own ``BatchNormalization`` in place of medlab's fused one.
 - **Lessons**: for a finished run folder, each notebook's wall time and, per
@@ -140,12 +141,14 @@ def _toy_split(count: int, side: int, channels: int, num_classes: int, seed: int
 
 def measure_training(build_model, side: int, channels: int = 1, num_classes: int = 2, switched_off: str = "",
                      train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES, batch_size: int = 64, epochs: int = 2,
-                     seed: int = config.DEFAULT_SEED, precision: str = "float32", augmentation_config=None) -> float:
+                     seed: int = config.DEFAULT_SEED, precision: str = "float32", augmentation_config=None,
+                     trials: int = 1) -> float:
     """Training images/s of ``build_model(training_images, fused)`` as lesson 03/04 train it, one overhead off.
 
     ``switched_off`` is one of :data:`OVERHEADS` or empty. A warm-up of two
     training steps and one validation (which traces every function) is not
-    timed; then ``epochs`` epochs are, validation included.
+    timed; then ``epochs`` epochs are, validation included, ``trials`` times
+    over (training on): the best of them, as :func:`attainable_rates` takes its best.
     ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``);
     ``augmentation_config`` the lesson's :class:`medlab.augment.AugmentationConfig` (default: lesson 03's).
     """
@@ -177,19 +180,25 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
                 PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
             model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=min(2, steps),
                       callbacks=callbacks, verbose=0)
-            started = time.perf_counter()
-            model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
-                      callbacks=callbacks, verbose=0)
-            seconds = time.perf_counter() - started
+            seconds = []
+            for _ in range(trials):
+                started = time.perf_counter()
+                model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
+                          callbacks=callbacks, verbose=0)
+                seconds.append(time.perf_counter() - started)
         finally:
             tf_config.enable_op_determinism()
             keras.backend.clear_session()
-    return train_images * epochs / seconds
+    return train_images * epochs / min(seconds)
 
 
 def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2, batch_size: int = 64,
-                 repeats: int = 20, seed: int = config.DEFAULT_SEED, precision: str = "float32") -> float:
-    """Training images/s of ``build_model``'s bare training step (forward, backward, Adam) on one fixed batch."""
+                 repeats: int = 20, seed: int = config.DEFAULT_SEED, precision: str = "float32",
+                 trials: int = 1) -> float:
+    """Training images/s of ``build_model``'s bare training step (forward, backward, Adam) on one fixed batch.
+
+    The best of ``trials`` runs of ``repeats`` steps.
+    """
     import keras
     import tensorflow as tf
 
@@ -212,7 +221,7 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
                 optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
                 return loss
 
-            return batch_size * _rate(step, 1.0, repeats)  # _rate traces with one untimed call
+            return batch_size * _rate(step, 1.0, repeats, trials)  # _rate traces with one untimed call
         finally:
             keras.backend.clear_session()
 
@@ -306,8 +315,8 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
         for precision, suffix, attainable in variants:
             if suffix and not name.startswith("scratch_cnn"):
                 continue  # lessons 04-05 train MobileNetV2 in float32: slower in bfloat16 (its depthwise convolutions)
-            rate = measure_training(build, side, channels, epochs=epochs, precision=precision, **lesson)
-            step_rate = measure_step(build, side, channels, precision=precision)
+            rate = measure_training(build, side, channels, epochs=epochs, precision=precision, trials=3, **lesson)
+            step_rate = measure_step(build, side, channels, precision=precision, trials=3)
             row = {"side": side, "precision": precision, "train_gflop_per_image": round(train_gflop, 4),
                    "images_per_s": round(rate, 1), "achieved_gflops": round(rate * train_gflop, 1),
                    "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1),
@@ -345,6 +354,9 @@ def markdown(result: dict) -> str:
         cells += [f"{row[f'without_{o}_images_per_s']:.0f}" if f"without_{o}_images_per_s" in row else "-"
                   for o in overheads]
         lines.append("| " + " | ".join(cells) + " |")
+    if overheads:
+        lines += ["", "images/s and step alone: the best of three runs, as the attainable rates; each overhead "
+                  "column one run (differences of 15% or less there can be noise)."]
     lessons = result.get("lessons") or {}
     if lessons:
         at_once = lessons.get("notebooks_at_once", 1)

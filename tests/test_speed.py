@@ -75,6 +75,20 @@ def test_measure_step_times_a_training_step_that_learns(precision):
     assert model.get_layer("block1_conv").compute_dtype == ("float32" if precision == "float32" else "bfloat16")
 
 
+def test_measure_training_trains_once_per_trial():
+    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
+    models = []
+
+    def recording_build(images, fused):
+        models.append(build(images, fused))
+        return models[-1]
+
+    rate = speed.measure_training(recording_build, side, channels, train_images=32, val_images=16, batch_size=16,
+                                  epochs=1, trials=2)
+    assert rate > 0
+    assert int(models[0].optimizer.iterations.numpy()) == 2 + 2 * 1 * 2  # warm-up, then 2 trials of 1 epoch of 2 steps
+
+
 def test_measure_training_refuses_unknown_overheads():
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
     with pytest.raises(ValueError, match="switched_off"):
