@@ -37,8 +37,9 @@ class AugmentationConfig:
 
 
 # Lessons 04 and 05 (MobileNetV2) resample once per geometric layer. From random weights (the offline default) on
-# PneumoniaMNIST, MobileNetV2 generalised worse on the sharper images of one resampling (3 seeds: test ROC-AUC
-# 0.968 -> 0.959, accuracy 0.912 -> 0.881), while lesson 03's CNN gained (0.979 -> 0.982); see the README.
+# PneumoniaMNIST, MobileNetV2 generalised worse on the sharper images of one resampling (an earlier sitting on
+# another machine, 3 seeds: test ROC-AUC 0.968 -> 0.959, accuracy 0.912 -> 0.881), while lesson 03's CNN gained
+# (0.979 -> 0.982); see the README, Training speed.
 TRANSFER_AUGMENTATION = AugmentationConfig(one_resampling=False)
 
 
@@ -117,8 +118,9 @@ class RandomAffine(keras.layers.Layer):
     each pass blurring it a little. This layer asks each of them for its random
     draw, multiplies the three matrices (rotation x zoom x shift: the output
     pixel is mapped by the last layer's matrix first) and resamples once. The
-    same geometry for a third of the work: 59 -> 21 ms per batch of 64 at 128 px
-    on one core, where the training step waits for it on a 2-core machine.
+    same geometry for less than half the work: with contrast, 60 -> 28 ms per
+    batch of 64 at 128 px on one core, time the training step waits for on a
+    2-core machine.
     """
 
     def __init__(self, rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0,
