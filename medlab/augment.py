@@ -14,7 +14,7 @@ A horizontal flip makes a mirror-image anatomy that no scanner produces, so
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import keras
 
@@ -48,17 +48,16 @@ def build_augmentation(cfg: AugmentationConfig | None = None, seed: int = config
 
     Inputs and outputs are float images in [0, 255].
     """
-    cfg = cfg or AugmentationConfig()
-    return keras.Sequential(_augmentation_layers(cfg, seed, cfg.one_resampling), name="augmentation")
+    return keras.Sequential(_augmentation_layers(cfg or AugmentationConfig(), seed), name="augmentation")
 
 
 def single_augmentations(cfg: AugmentationConfig | None = None, seed: int = config.DEFAULT_SEED):
     """Each enabled augmentation on its own, as ``{name: layer}``, for teaching figures (same draws as in training)."""
     return {layer.__class__.__name__.removeprefix("Random").lower(): keras.Sequential([layer])
-            for layer in _augmentation_layers(cfg or AugmentationConfig(), seed, one_resampling=False)}
+            for layer in _augmentation_layers(replace(cfg or AugmentationConfig(), one_resampling=False), seed)}
 
 
-def _augmentation_layers(cfg: AugmentationConfig, seed: int, one_resampling: bool) -> list:
+def _augmentation_layers(cfg: AugmentationConfig, seed: int) -> list:
     """Flip, the geometric layers (as one :class:`RandomAffine` or one by one), contrast: those turned on."""
     for name in ("rotation", "zoom", "translation", "contrast"):
         value = getattr(cfg, name)
@@ -67,7 +66,7 @@ def _augmentation_layers(cfg: AugmentationConfig, seed: int, one_resampling: boo
     layers = [keras.layers.RandomFlip("horizontal", seed=seed)] if cfg.horizontal_flip else []
     geometric = geometric_layers(cfg.rotation, cfg.zoom, cfg.translation, seed + 1)
     if geometric:
-        layers += [RandomAffine(cfg.rotation, cfg.zoom, cfg.translation, seed=seed + 1)] if one_resampling else geometric
+        layers += [RandomAffine(cfg.rotation, cfg.zoom, cfg.translation, seed=seed + 1)] if cfg.one_resampling else geometric
     if cfg.contrast:
         layers.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed + 4))
     return layers

@@ -51,6 +51,8 @@ CONV_SHAPES = ((32, 32, 64), (16, 64, 128), (32, 64, 64))
 # an epoch adds around its steps (precise BN's fixed 512 images, the validation pass) weighs as it does there.
 TRAIN_IMAGES, VAL_IMAGES = SyntheticConfig().counts[:2]
 OVERHEADS = ("metrics", "precise_bn", "augmentation", "determinism", "validation", "fused_batchnorm")
+# Runs of the main training rate and of the bare step, the best taken (as attainable_rates takes the best of three).
+TRIALS = 3
 
 
 def _rate(step, flops: float, repeats: int, trials: int = 1) -> float:
@@ -315,8 +317,8 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
         for precision, suffix, attainable in variants:
             if suffix and not name.startswith("scratch_cnn"):
                 continue  # lessons 04-05 train MobileNetV2 in float32: slower in bfloat16 (its depthwise convolutions)
-            rate = measure_training(build, side, channels, epochs=epochs, precision=precision, trials=3, **lesson)
-            step_rate = measure_step(build, side, channels, precision=precision, trials=3)
+            rate = measure_training(build, side, channels, epochs=epochs, precision=precision, trials=TRIALS, **lesson)
+            step_rate = measure_step(build, side, channels, precision=precision, trials=TRIALS)
             row = {"side": side, "precision": precision, "train_gflop_per_image": round(train_gflop, 4),
                    "images_per_s": round(rate, 1), "achieved_gflops": round(rate * train_gflop, 1),
                    "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1),
@@ -354,9 +356,8 @@ def markdown(result: dict) -> str:
         cells += [f"{row[f'without_{o}_images_per_s']:.0f}" if f"without_{o}_images_per_s" in row else "-"
                   for o in overheads]
         lines.append("| " + " | ".join(cells) + " |")
-    if overheads:
-        lines += ["", "images/s and step alone: the best of three runs, as the attainable rates; each overhead "
-                  "column one run (differences of 15% or less there can be noise)."]
+    lines += ["", f"images/s and step alone: the best of {TRIALS} runs, as the attainable rates"
+              + ("; each overhead column one run (differences of 15% or less there can be noise)." if overheads else ".")]
     lessons = result.get("lessons") or {}
     if lessons:
         at_once = lessons.get("notebooks_at_once", 1)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from medlab.augment import (
+    TRANSFER_AUGMENTATION,
     AugmentationConfig,
     RandomAffine,
     build_augmentation,
@@ -32,6 +33,8 @@ def test_same_seed_same_draws(batch):
 def test_flip_is_off_by_default_and_values_are_checked():
     names = [layer.__class__.__name__ for layer in build_augmentation().layers]
     assert names == ["RandomAffine", "RandomContrast"]
+    per_layer = [layer.__class__.__name__ for layer in build_augmentation(TRANSFER_AUGMENTATION).layers]
+    assert per_layer == ["RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]  # lessons 04-05
     flipped = [layer.__class__.__name__ for layer in build_augmentation(AugmentationConfig(horizontal_flip=True)).layers]
     assert "RandomFlip" in flipped
     with pytest.raises(ValueError, match="zoom"):
