@@ -13,9 +13,25 @@ import medlab  # noqa: F401  (before any test module loads TensorFlow: asks it f
 SHARED_PNEUMONIAMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
 
 
+@pytest.fixture(scope="session")
+def shared_synthetic_dir(tmp_path_factory) -> Path:
+    """One folder of generated synthetic datasets for the whole session.
+
+    Generating the 2,400 images of a synthetic set takes about 2 s at 32 px, and a dozen tests load the same one.
+    Its cache is keyed by every setting and checked against its sha256 (medlab.synthetic.ensure_synthetic), so
+    sharing it cannot hand a test other images than it would generate itself.
+    """
+    return tmp_path_factory.mktemp("synthetic")
+
+
 @pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    """Every test writes its caches, reports and MLflow runs under its own temporary folder."""
+def isolated_dirs(tmp_path, monkeypatch, shared_synthetic_dir):
+    """Every test writes its caches, reports and MLflow runs under its own temporary folder.
+
+    Only ``data/synthetic`` is a link to the session's shared folder (see ``shared_synthetic_dir``).
+    """
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(shared_synthetic_dir, target_is_directory=True)
     monkeypatch.setenv("MEDLAB_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MEDLAB_REPORTS_DIR", str(tmp_path / "reports"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")

@@ -31,7 +31,7 @@ def test_offline_download_fails_cleanly(capsys, monkeypatch):
 
 
 def test_audit_and_synthetic_commands(capsys):
-    assert main(["data", "synthetic", "--image-size", "32"]) == 0
+    assert main(["data", "synthetic"]) == 0  # the default set, which the audit below reads
     assert main(["audit", "synthetic"]) == 0
     assert "no exact duplicates" in capsys.readouterr().out
 

@@ -14,8 +14,10 @@ def test_same_arrays_give_identical_bytes(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path):
-    target = tmp_path / "out.npz"
+    folder = tmp_path / "out"  # (tmp_path itself holds the data folder that conftest.py makes)
+    folder.mkdir()
+    target = folder / "out.npz"
     with pytest.raises(ValueError):
         write_npz_atomic(target, {"ok": np.zeros(3), "bad": np.array([object()], dtype=object)})
     assert not target.exists()
-    assert list(tmp_path.iterdir()) == []
+    assert list(folder.iterdir()) == []
