@@ -252,6 +252,7 @@ def _scratch_epochs_note(metrics: dict) -> str:
             continue
         settings = training.get("config", {})
         rate = f" at a learning rate of {settings['learning_rate']:g}" if "learning_rate" in settings else ""
+        rate += " on a cosine schedule" if settings.get("schedule") == "cosine" else ""
         notes += (f" Lesson {lesson} {verb} it for {training['epochs_run']} epochs{rate} (at most "
                   f"{settings.get('max_epochs')}, its `scratch_epochs`).")
     return notes

@@ -119,6 +119,8 @@ def test_model_card_and_headline_from_evaluation_record():
     assert "Lesson 04 trained it for 5 epochs (at most 6, its `scratch_epochs`)." in reports.model_card(metrics)
     metrics["records"]["model_transfer"]["training"]["config"]["learning_rate"] = 0.003
     assert "trained it for 5 epochs at a learning rate of 0.003 (at most 6" in reports.model_card(metrics)
+    metrics["records"]["model_transfer"]["training"]["config"]["schedule"] = "cosine"
+    assert "for 5 epochs at a learning rate of 0.003 on a cosine schedule (at most 6" in reports.model_card(metrics)
     assert "Lesson 05" not in reports.model_card(metrics)
     metrics["records"]["model_fine_tuned"] = {"training": {"epochs_run": 3, "config": {"max_epochs": 3}}}
     assert "Lesson 05 fine-tuned it for 3 epochs (at most 3, its `scratch_epochs`)." in reports.model_card(metrics)
