@@ -19,7 +19,12 @@ measured on the same machine in the same run.
   ``2 * inputs * units``; a training step costs three times the forward pass
   (the forward pass, then gradients for the inputs and for the weights).
   Normalisation, activations, pooling and the optimizer are not counted:
-  they are the overheads the percentage exposes.
+  they are the overheads the percentage exposes. Only training steps count:
+  the forward passes of precise BN and validation are overhead too.
+- **Yardstick next to each row**: a 2-core machine's speed drifts by a fifth
+  within an hour, so the conv rates are measured again just before and just
+  after each model's row, and its percentage is of the better of those two
+  (the table also gives it against the rate measured at the start).
 - **Training step alone**: the same model's forward pass, backward pass and
   Adam update on one fixed batch, repeated as one traced function: no input
   pipeline, no validation, no callbacks. Its rate against the attainable one
@@ -85,26 +90,36 @@ def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = T
     left, right = generator.normal((2048, 2048)), generator.normal((2048, 2048))
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
     results = {"matmul_2048_gflops": _rate(matmul, 2 * 2048 ** 3, repeats, trials) / 1e9}
-    precisions = [(tf.float32, "")] + ([(tf.bfloat16, "_bfloat16")] if bfloat16 else [])
-    for dtype, suffix in precisions:
-        conv_rates = {}
-        for side, channels_in, channels_out in CONV_SHAPES:
-            inputs = tf.Variable(tf.cast(generator.normal((batch_size, side, side, channels_in)), dtype))
-            kernel = tf.Variable(tf.cast(generator.normal((3, 3, channels_in, channels_out)), dtype))
-
-            @tf.function
-            def step(inputs=inputs, kernel=kernel):
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_sum(tf.cast(tf.nn.conv2d(inputs, kernel, 1, "SAME"), tf.float32))
-                input_gradient, kernel_gradient = tape.gradient(loss, [inputs, kernel])
-                return tf.reduce_sum(tf.cast(input_gradient, tf.float32)) + tf.reduce_sum(
-                    tf.cast(kernel_gradient, tf.float32))
-
-            flops = 3 * 2 * 9 * batch_size * side * side * channels_in * channels_out
-            conv_rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats, trials) / 1e9
-        results[f"conv2d_train_gflops{suffix}"] = conv_rates
-        results[f"attainable_conv2d_gflops{suffix}"] = max(conv_rates.values())
+    for precision in ("float32", "bfloat16") if bfloat16 else ("float32",):
+        suffix = "" if precision == "float32" else "_" + precision
+        rates = conv_rates(precision, repeats, batch_size, trials)
+        results[f"conv2d_train_gflops{suffix}"] = rates
+        results[f"attainable_conv2d_gflops{suffix}"] = max(rates.values())
     return results
+
+
+def conv_rates(precision: str = "float32", repeats: int = 10, batch_size: int = 64, trials: int = 3) -> dict:
+    """``{shape: GFLOP/s}`` of a 3x3 Conv2D's forward pass and both gradients at each of :data:`CONV_SHAPES`."""
+    import tensorflow as tf
+
+    dtype = tf.as_dtype(precision)
+    generator = tf.random.Generator.from_seed(0)
+    rates = {}
+    for side, channels_in, channels_out in CONV_SHAPES:
+        inputs = tf.Variable(tf.cast(generator.normal((batch_size, side, side, channels_in)), dtype))
+        kernel = tf.Variable(tf.cast(generator.normal((3, 3, channels_in, channels_out)), dtype))
+
+        @tf.function
+        def step(inputs=inputs, kernel=kernel):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(tf.nn.conv2d(inputs, kernel, 1, "SAME"), tf.float32))
+            input_gradient, kernel_gradient = tape.gradient(loss, [inputs, kernel])
+            return tf.reduce_sum(tf.cast(input_gradient, tf.float32)) + tf.reduce_sum(
+                tf.cast(kernel_gradient, tf.float32))
+
+        flops = 3 * 2 * 9 * batch_size * side * side * channels_in * channels_out
+        rates[f"{side}px_{channels_in}to{channels_out}"] = _rate(step, flops, repeats, trials) / 1e9
+    return rates
 
 
 def forward_flops(model) -> int:
@@ -317,13 +332,18 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
         for precision, suffix, attainable in variants:
             if suffix and not name.startswith("scratch_cnn"):
                 continue  # lessons 04-05 train MobileNetV2 in float32: slower in bfloat16 (its depthwise convolutions)
+            before = max(conv_rates(precision.removeprefix("mixed_")).values())
             rate = measure_training(build, side, channels, epochs=epochs, precision=precision, trials=TRIALS, **lesson)
             step_rate = measure_step(build, side, channels, precision=precision, trials=TRIALS)
+            after = max(conv_rates(precision.removeprefix("mixed_")).values())
+            adjacent = max(before, after)  # the yardstick in the machine's state of the moment
             row = {"side": side, "precision": precision, "train_gflop_per_image": round(train_gflop, 4),
                    "images_per_s": round(rate, 1), "achieved_gflops": round(rate * train_gflop, 1),
-                   "percent_of_attainable": round(100 * rate * train_gflop / attainable, 1),
+                   "conv2d_gflops_before_and_after": [round(before, 1), round(after, 1)],
+                   "percent_of_attainable": round(100 * rate * train_gflop / adjacent, 1),
+                   "percent_of_first_attainable": round(100 * rate * train_gflop / attainable, 1),
                    "step_images_per_s": round(step_rate, 1),
-                   "step_percent_of_attainable": round(100 * step_rate * train_gflop / attainable, 1)}
+                   "step_percent_of_attainable": round(100 * step_rate * train_gflop / adjacent, 1)}
             for overhead in OVERHEADS if overheads and not suffix else ():
                 without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs, **lesson)
                 row[f"without_{overhead}_images_per_s"] = round(without, 1)
@@ -344,7 +364,9 @@ def markdown(result: dict) -> str:
             + f" GFLOP/s (best {peak['attainable_conv2d_gflops_bfloat16']:.0f}); the `_bfloat16` rows' % is of that."
     lines.append("")
     steps = all("step_images_per_s" in row for row in result["models"].values())
+    adjacent = all("conv2d_gflops_before_and_after" in row for row in result["models"].values())
     header = ["model", "GFLOP/image (train)", "images/s", "GFLOP/s", "% of conv"]
+    header += ["conv before / after", "% of first conv"] if adjacent else []
     header += ["step alone images/s", "step alone % of conv"] if steps else []
     overheads = [o for o in OVERHEADS if any(f"without_{o}_images_per_s" in r for r in result["models"].values())]
     header += [("Keras BN" if o == "fused_batchnorm" else f"no {o.replace('_', ' ')}") + " images/s" for o in overheads]
@@ -352,11 +374,15 @@ def markdown(result: dict) -> str:
     for name, row in result["models"].items():
         cells = [name, f"{row['train_gflop_per_image']:.3f}", f"{row['images_per_s']:.0f}",
                  f"{row['achieved_gflops']:.0f}", f"{row['percent_of_attainable']:.0f}%"]
+        cells += ["{:.0f} / {:.0f}".format(*row["conv2d_gflops_before_and_after"]),
+                  f"{row['percent_of_first_attainable']:.0f}%"] if adjacent else []
         cells += [f"{row['step_images_per_s']:.0f}", f"{row['step_percent_of_attainable']:.0f}%"] if steps else []
         cells += [f"{row[f'without_{o}_images_per_s']:.0f}" if f"without_{o}_images_per_s" in row else "-"
                   for o in overheads]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"images/s and step alone: the best of {TRIALS} runs, as the attainable rates"
+    lines += ["", ("% of conv: of the better conv rate measured just before and just after the row; % of first"
+                   " conv: of the rate at the start. " if adjacent else "")
+              + f"images/s and step alone: the best of {TRIALS} runs, as the attainable rates"
               + ("; each overhead column one run (differences of 15% or less there can be noise)." if overheads else ".")]
     lessons = result.get("lessons") or {}
     if lessons:

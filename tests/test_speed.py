@@ -104,6 +104,31 @@ def test_keras_batchnorm_reference_has_no_fused_layers():
     assert not any(isinstance(layer, FusedBatchNormalization) for layer in build(images, False).layers)
 
 
+def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch):
+    import medlab.train
+
+    conv = iter([100.0, 150.0, 200.0, 180.0])  # before and after the first row, then the second's
+    monkeypatch.setattr(speed, "conv_rates", lambda precision="float32": {"32px_32to64": next(conv)})
+    monkeypatch.setattr(speed, "attainable_rates", lambda bfloat16: {
+        "matmul_2048_gflops": 90.0, "conv2d_train_gflops": {"32px_32to64": 120.0}, "attainable_conv2d_gflops": 120.0})
+    monkeypatch.setattr(medlab.train, "cpu_trains_bfloat16", lambda: False)
+    models = speed.lesson_models()
+    monkeypatch.setattr(speed, "lesson_models", lambda: {name: models[name] for name in
+                                                         ("scratch_cnn_28px", "scratch_cnn_64px")})
+    monkeypatch.setattr(speed, "measure_training", lambda *args, **kwargs: 1000.0)
+    monkeypatch.setattr(speed, "measure_step", lambda *args, **kwargs: 2000.0)
+    rows = speed.speed_benchmark(overheads=False)["models"]
+    first, second = rows["scratch_cnn_28px"], rows["scratch_cnn_64px"]
+    assert first["conv2d_gflops_before_and_after"] == [100.0, 150.0]
+    assert first["percent_of_attainable"] == pytest.approx(100 * first["achieved_gflops"] / 150.0, abs=0.1)
+    assert first["percent_of_first_attainable"] == pytest.approx(100 * first["achieved_gflops"] / 120.0, abs=0.1)
+    assert first["step_percent_of_attainable"] == pytest.approx(200 * first["achieved_gflops"] / 150.0, abs=0.1)
+    assert second["conv2d_gflops_before_and_after"] == [200.0, 180.0]
+    assert second["percent_of_attainable"] == pytest.approx(100 * second["achieved_gflops"] / 200.0, abs=0.1)
+    table = speed.markdown({"cpu_count": 2, "attainable": speed.attainable_rates(False), "models": rows})
+    assert "| conv before / after | % of first conv |" in table and "| 200 / 180 |" in table
+
+
 def test_lesson_summary_and_markdown(tmp_path):
     run = tmp_path / "run"
     (run / "models" / "scratch_cnn").mkdir(parents=True)
