@@ -123,10 +123,12 @@ def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch):
     assert first["percent_of_attainable"] == pytest.approx(100 * first["achieved_gflops"] / 150.0, abs=0.1)
     assert first["percent_of_first_attainable"] == pytest.approx(100 * first["achieved_gflops"] / 120.0, abs=0.1)
     assert first["step_percent_of_attainable"] == pytest.approx(200 * first["achieved_gflops"] / 150.0, abs=0.1)
+    passes = (3 * speed.TRAIN_IMAGES + min(speed.TRAIN_IMAGES, 512) + speed.VAL_IMAGES) / (3 * speed.TRAIN_IMAGES)
+    assert first["percent_of_attainable_all_passes"] == pytest.approx(first["percent_of_attainable"] * passes, abs=0.1)
     assert second["conv2d_gflops_before_and_after"] == [200.0, 180.0]
     assert second["percent_of_attainable"] == pytest.approx(100 * second["achieved_gflops"] / 200.0, abs=0.1)
     table = speed.markdown({"cpu_count": 2, "attainable": speed.attainable_rates(False), "models": rows})
-    assert "| conv before / after | % of first conv |" in table and "| 200 / 180 |" in table
+    assert "| % of conv, all passes | conv before / after | % of first conv |" in table and "| 200 / 180 |" in table
 
 
 def test_lesson_summary_and_markdown(tmp_path):
