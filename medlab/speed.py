@@ -381,7 +381,8 @@ def markdown(result: dict) -> str:
     for name, row in result["models"].items():
         cells = [name, f"{row['train_gflop_per_image']:.3f}", f"{row['images_per_s']:.0f}",
                  f"{row['achieved_gflops']:.0f}", f"{row['percent_of_attainable']:.0f}%"]
-        cells += [f"{row['percent_of_attainable_all_passes']:.0f}%",
+        all_passes = row.get("percent_of_attainable_all_passes")  # not in results written by 89c7a5c
+        cells += [f"{all_passes:.0f}%" if all_passes is not None else "-",
                   "{:.0f} / {:.0f}".format(*row["conv2d_gflops_before_and_after"]),
                   f"{row['percent_of_first_attainable']:.0f}%"] if adjacent else []
         cells += [f"{row['step_images_per_s']:.0f}", f"{row['step_percent_of_attainable']:.0f}%"] if steps else []
