@@ -42,7 +42,6 @@ measured on the same machine in the same run.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from pathlib import Path
@@ -329,8 +328,8 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     if bfloat16:
         variants.append(("mixed_bfloat16", "_bfloat16", peak["attainable_conv2d_gflops_bfloat16"]))
     rows = {}
-    precise_bn = inspect.signature(PreciseBatchNorm).parameters  # its default: once per epoch, before validation
-    precise_bn_images = min(TRAIN_IMAGES, precise_bn["batch_size"].default * precise_bn["max_batches"].default)
+    # the images measure_training's PreciseBatchNorm runs forward once per epoch, before validation
+    precise_bn_images = sum(len(batch) for batch in PreciseBatchNorm(np.zeros((TRAIN_IMAGES, 1, 1, 1), np.uint8)).batches)
     all_passes = (3 * TRAIN_IMAGES + precise_bn_images + VAL_IMAGES) / (3 * TRAIN_IMAGES)
     for name, (build, side, channels) in lesson_models().items():
         train_gflop = 3 * forward_flops(build(np.zeros((2, side, side, channels), np.uint8), True)) / 1e9
