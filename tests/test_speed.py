@@ -46,6 +46,23 @@ def test_attainable_rates_measure_bfloat16_only_when_asked():
     assert both["attainable_conv2d_gflops_bfloat16"] > 0
 
 
+def test_conv_probe_returns_its_forward_pass_so_it_is_run():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    inputs = tf.constant(rng.normal(size=(2, 6, 6, 3)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 3, 3, 4)), tf.float32)
+    forward = float(tf.reduce_sum(tf.nn.conv2d(inputs, kernel, 1, "SAME")))
+    with tf.GradientTape() as tape:
+        tape.watch([inputs, kernel])
+        loss = tf.reduce_sum(tf.nn.conv2d(inputs, kernel, 1, "SAME"))
+    gradients = sum(float(tf.reduce_sum(g)) for g in tape.gradient(loss, [inputs, kernel]))
+    result = float(tf.function(speed.conv_training_pass)(inputs, kernel))
+    # a result without the forward output would let TensorFlow skip that convolution (its gradient is all ones)
+    assert abs(forward) > 1.0
+    assert result == pytest.approx(forward + gradients, rel=1e-5)
+
+
 @pytest.mark.parametrize("switched_off", ["fused_batchnorm", "determinism"])
 def test_measure_training_runs_each_variant(switched_off):
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
