@@ -190,7 +190,15 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
                       filters: tuple[int, ...] = (32, 64, 128), dense_units: int = 128,
                       dropout: float = 0.3, block_dropout: float = 0.0, bn_momentum: float = 0.9,
                       stem_stride: int = 1) -> keras.Model:
-    """Conv-BatchNorm-ReLU-MaxPool-Dropout blocks, global average pooling, a Dense-BN-Dropout head.
+    """Conv-BatchNorm-MaxPool-ReLU-Dropout blocks, global average pooling, a Dense-BN-Dropout head.
+
+    Max-pooling comes before the ReLU, not after as usually drawn: the two
+    commute (``max(relu(a), relu(b)) == relu(max(a, b))``, and the gradients
+    agree too), so the model computes exactly the same numbers, but the ReLU
+    and its gradient run on a quarter of the pixels: on a 2-core Xeon,
+    training 1.2x faster at 28 px and up to 1.35x in bfloat16 at 128 px,
+    about the same in float32 at 64-128 px (README, Training speed), with
+    bit-identical trained weights.
 
     ``stem_stride=2`` halves the image in block 1's convolution instead of
     its max-pooling (a strided "stem", as in ResNet): the same output size,
@@ -226,9 +234,9 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
         stride = stem_stride if block == 1 else 1
         x = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"block{block}_conv")(x)
         x = FusedBatchNormalization(momentum=bn_momentum, synchronized=synchronized, name=f"block{block}_bn")(x)
-        x = layers.Activation("relu", name=f"block{block}_relu")(x)
-        if stride == 1:
+        if stride == 1:  # pool, then ReLU: the same numbers as ReLU then pool, with ReLU on a quarter of the pixels
             x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        x = layers.Activation("relu", name=f"block{block}_relu")(x)
         x = layers.Dropout(block_dropout, name=f"block{block}_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dense(dense_units, use_bias=False, name="head_dense")(x)

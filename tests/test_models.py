@@ -38,6 +38,37 @@ def test_scratch_cnn_width_and_depth_are_parameters():
         build_scratch_cnn((32, 32, 1), 1)
 
 
+def test_scratch_cnn_pools_before_relu_with_the_textbook_order_s_numbers_and_gradients():
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 1)).astype("float32")
+    model = build_scratch_cnn((16, 16, 1), 2, images, filters=(4, 8), dense_units=8, dropout=0.0)
+    names = [layer.name for layer in model.layers]
+    assert names.index("block1_pool") < names.index("block1_relu")  # ReLU on a quarter of the pixels
+
+    inputs = x = keras.Input((16, 16, 1))
+    normalization = keras.layers.Normalization(axis=None)
+    normalization.adapt(images)
+    x = normalization(x)
+    for width in (4, 8):  # the textbook block: convolution, batch norm, ReLU, then max-pooling
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = models.FusedBatchNormalization(momentum=0.9)(x)
+        x = keras.layers.MaxPooling2D()(keras.layers.Activation("relu")(x))
+    x = keras.layers.Dense(8, use_bias=False)(keras.layers.GlobalAveragePooling2D()(x))
+    x = keras.layers.Activation("relu")(models.FusedBatchNormalization(momentum=0.9)(x))
+    textbook = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    textbook.set_weights(model.get_weights())
+
+    def outputs_and_gradients(network):
+        with tf.GradientTape() as tape:
+            outputs = network(images, training=True)
+            loss = tf.reduce_sum(outputs)
+        return [outputs.numpy()] + [g.numpy() for g in tape.gradient(loss, network.trainable_variables)]
+
+    for ours, theirs in zip(outputs_and_gradients(model), outputs_and_gradients(textbook), strict=True):
+        np.testing.assert_array_equal(ours, theirs)  # bit for bit, not just close
+
+
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_transfer_models_are_flat_frozen_and_unfreezable(backbone):
     model, info = build_transfer_model((28, 28, 1), 4, backbone=backbone, weights=None, backbone_size=32,
