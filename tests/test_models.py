@@ -38,7 +38,7 @@ def test_scratch_cnn_width_and_depth_are_parameters():
         build_scratch_cnn((32, 32, 1), 1)
 
 
-def test_scratch_cnn_pools_before_relu_with_the_textbook_order_s_numbers_and_gradients():
+def test_scratch_cnn_pools_before_relu_and_matches_the_textbook_order_bit_for_bit():
     import tensorflow as tf
 
     images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 1)).astype("float32")
