@@ -182,6 +182,7 @@ def test_lesson_summary_and_markdown(tmp_path):
         "step_percent_of_attainable": 43.7}
     with_bfloat16 = speed.markdown(result)
     assert "In bfloat16: 32px_32to64 800 GFLOP/s (best 800)" in with_bfloat16
+    assert "Lesson 03 trains in bfloat16 on this CPU" in with_bfloat16 and "Lesson 03 trains" not in table
     assert "(2 cores, oneDNN kernels):" in with_bfloat16
     assert "| scratch_cnn_64px_bfloat16 | 0.233 | 1000 | 233 | 29% | 1500 | 44% | - |" in with_bfloat16
     assert "no metrics images/s" in table and "03_scratch_cnn 90 s" in table and "at a time" not in table
