@@ -195,8 +195,8 @@ def build_scratch_cnn(input_shape: tuple[int, int, int], num_classes: int,
     Max-pooling comes before the ReLU, not after as usually drawn: the two
     commute (``max(relu(a), relu(b)) == relu(max(a, b))``, and the gradients
     agree too), so the model computes exactly the same numbers, but the ReLU
-    and its gradient run on a quarter of the pixels: on a 2-core Xeon,
-    training 1.2x faster at 28 px and up to 1.35x in bfloat16 at 128 px,
+    and its gradient run on a quarter of the pixels: on a 2-core Xeon, one
+    run of each order alternating, training up to 1.2x faster at 28 px and up to 1.35x in bfloat16 at 128 px,
     about the same in float32 at 64-128 px (README, Training speed), with
     bit-identical trained weights.
 

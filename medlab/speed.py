@@ -380,7 +380,7 @@ def markdown(result: dict) -> str:
     if "conv2d_train_gflops_bfloat16" in peak:
         lines[0] += " In bfloat16: " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops_bfloat16"].items()) \
             + f" GFLOP/s (best {peak['attainable_conv2d_gflops_bfloat16']:.0f}); the `_bfloat16` rows' % is of that." \
-            + " Lesson 03 trains in bfloat16 on this CPU: its `_bfloat16` rows are the ones that apply here."
+            + " Lesson 03 trains in bfloat16 on this CPU by default (`mixed_precision=True`): its `_bfloat16` rows apply here."
     lines.append("")
     steps = all("step_images_per_s" in row for row in result["models"].values())
     adjacent = all("conv2d_gflops_before_and_after" in row for row in result["models"].values())
