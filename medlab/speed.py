@@ -34,7 +34,8 @@ measured on the same machine in the same run.
   rate is what an epoch adds around the steps.
 - **Overheads**: the same measurement (one run) with one thing switched off at a time
   (training metrics, precise BN, augmentation, op determinism, validation),
-  and with Keras' own ``BatchNormalization`` in place of medlab's fused one.
+  and with Keras' own ``BatchNormalization`` in place of medlab's fused one,
+  and with Keras' default of one training step per call into TensorFlow.
 - **Lessons**: for a finished run folder, each notebook's wall time and, per
   model, epochs run, the best epoch and the first epoch within 0.005 of the
   best validation AUC.
@@ -57,7 +58,7 @@ CONV_SHAPES = ((32, 32, 64), (16, 64, 128), (32, 64, 64))
 # Training and validation images per epoch: as many as lesson 03 trains on in the synthetic default, so that what
 # an epoch adds around its steps (precise BN's fixed 512 images, the validation pass) weighs as it does there.
 TRAIN_IMAGES, VAL_IMAGES = SyntheticConfig().counts[:2]
-OVERHEADS = ("metrics", "precise_bn", "augmentation", "determinism", "validation", "fused_batchnorm")
+OVERHEADS = ("metrics", "precise_bn", "augmentation", "determinism", "validation", "fused_batchnorm", "step_per_call")
 # Runs of the main training rate and of the bare step, the best taken (as attainable_rates takes the best of three).
 TRIALS = 3
 
@@ -176,9 +177,11 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
                      trials: int = 1) -> float:
     """Training images/s of ``build_model(training_images, fused)`` as lesson 03/04 train it, one overhead off.
 
-    ``switched_off`` is one of :data:`OVERHEADS` or empty. A warm-up of two
-    training steps and one validation (which traces every function) is not
-    timed; then ``epochs`` epochs are, validation included, ``trials`` times
+    ``switched_off`` is one of :data:`OVERHEADS` or empty (``"fused_batchnorm"``:
+    Keras' own batch norm; ``"step_per_call"``: Keras' default of one training
+    step per call into TensorFlow rather than :func:`medlab.train.one_call_per_epoch`).
+    A warm-up epoch (two steps when one step per call) and one validation,
+    which trace every function, are not timed; then ``epochs`` epochs are, validation included, ``trials`` times
     over (training on): the best of them, as :func:`attainable_rates` takes its best.
     ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``);
     ``augmentation_config`` the lesson's :class:`medlab.augment.AugmentationConfig` (default: lesson 03's).
@@ -189,7 +192,7 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     from medlab.augment import build_augmentation
     from medlab.data import batches_per_pass, make_tf_dataset
     from medlab.models import global_dtype_policy
-    from medlab.train import PreciseBatchNorm, compile_model, set_determinism
+    from medlab.train import PreciseBatchNorm, compile_model, one_call_per_epoch, set_determinism
 
     if switched_off and switched_off not in OVERHEADS:
         raise ValueError(f"switched_off must be one of {OVERHEADS}, got {switched_off!r}")
@@ -209,14 +212,16 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
             val_data = None if switched_off == "validation" else make_tf_dataset(val, num_classes, batch_size)
             callbacks = [] if switched_off in ("precise_bn", "validation") else [
                 PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
-            model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=min(2, steps),
-                      callbacks=callbacks, verbose=0)
-            seconds = []
-            for _ in range(trials):
-                started = time.perf_counter()
-                model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
+            per_call = 1 if switched_off == "step_per_call" else steps  # as train_model runs an epoch
+            with one_call_per_epoch(model, per_call):
+                model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=max(per_call, min(2, steps)),
                           callbacks=callbacks, verbose=0)
-                seconds.append(time.perf_counter() - started)
+                seconds = []
+                for _ in range(trials):
+                    started = time.perf_counter()
+                    model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
+                              callbacks=callbacks, verbose=0)
+                    seconds.append(time.perf_counter() - started)
         finally:
             tf_config.enable_op_determinism()
             keras.backend.clear_session()
@@ -388,7 +393,8 @@ def markdown(result: dict) -> str:
     header += ["% of conv, all passes", "conv before / after", "% of first conv"] if adjacent else []
     header += ["step alone images/s", "step alone % of conv"] if steps else []
     overheads = [o for o in OVERHEADS if any(f"without_{o}_images_per_s" in r for r in result["models"].values())]
-    header += [("Keras BN" if o == "fused_batchnorm" else f"no {o.replace('_', ' ')}") + " images/s" for o in overheads]
+    names = {"fused_batchnorm": "Keras BN", "step_per_call": "one step per call"}
+    header += [names.get(o, f"no {o.replace('_', ' ')}") + " images/s" for o in overheads]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in result["models"].items():
         cells = [name, f"{row['train_gflop_per_image']:.3f}", f"{row['images_per_s']:.0f}",

@@ -11,6 +11,7 @@ and export lessons find it.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -294,6 +295,45 @@ def make_callbacks(model_dir: str | Path, cfg: TrainConfig, training_images: np.
     ]
 
 
+@contextmanager
+def one_call_per_epoch(model: keras.Model, steps_per_epoch: int):
+    """Within the block, ``model.fit`` runs each epoch's training steps in one call into TensorFlow.
+
+    By default Keras' ``fit`` comes back to Python after every step
+    (``steps_per_execution=1``) to run callbacks, update logs and hand over
+    the next batch: on a 2-core Xeon that cost the 64 px scratch CNN 5-8% of
+    its epoch in bfloat16 (``medlab bench speed``'s "one step per call" column). Keras can run several steps
+    per call (``steps_per_execution``), but its ``fit`` then always runs that
+    many, so on a repeated dataset it would overrun an epoch whose step count
+    the number does not divide; a whole epoch per call never does. The steps
+    are the same ops in the same order, and the trained weights are bit for
+    bit those of one step per call (``tests/test_train.py``). Callbacks'
+    per-batch hooks, and ``verbose=1``'s progress bar, then move once per
+    epoch; validation runs in one call too. Afterwards the model takes one
+    step per call again (its next ``fit``, ``evaluate`` or ``predict`` is
+    traced anew). A model built under a distribution strategy (e.g.
+    ``MirroredStrategy``) keeps one step per call: Keras 3.15's multi-step
+    loop fails to run there.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    if tf.distribute.has_strategy() or model.distribute_strategy is not tf.distribute.get_strategy():
+        yield model
+        return
+
+    def take(steps):
+        if model.steps_per_execution != steps:
+            model.steps_per_execution = steps
+            model.train_function = model.test_function = model.predict_function = None  # traced for the new count
+
+    previous = model.steps_per_execution
+    take(steps_per_epoch)
+    try:
+        yield model
+    finally:
+        take(previous)
+
+
 def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg: TrainConfig,
                 augmentation=None, verbose: int = 2, callbacks: list | None = None) -> pd.DataFrame:
     """Fit ``model`` (already compiled) on ``dataset``; return the history as a table.
@@ -316,13 +356,14 @@ def train_model(model: keras.Model, dataset: Dataset, model_dir: str | Path, cfg
                                  augmentation=augmentation, repeat=True)  # one iterator for every epoch
     val_data = make_tf_dataset(dataset.val, num_classes, cfg.batch_size)
     class_weight = dataset.class_weights() if cfg.class_weighting else None
+    steps = batches_per_pass(len(dataset.train), cfg.batch_size)
     started = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs,
-                        steps_per_epoch=batches_per_pass(len(dataset.train), cfg.batch_size),
-                        callbacks=make_callbacks(folder, cfg, dataset.train.images) + list(callbacks or []),
-                        class_weight=class_weight,
-                        verbose=verbose,
-                        shuffle=False)  # the tf.data pipeline shuffles, seeded
+    with one_call_per_epoch(model, steps):
+        history = model.fit(train_data, validation_data=val_data, epochs=cfg.max_epochs, steps_per_epoch=steps,
+                            callbacks=make_callbacks(folder, cfg, dataset.train.images) + list(callbacks or []),
+                            class_weight=class_weight,
+                            verbose=verbose,
+                            shuffle=False)  # the tf.data pipeline shuffles, seeded
     seconds = time.perf_counter() - started
     table = pd.DataFrame(history.history)
     table.index = pd.RangeIndex(1, len(table) + 1, name="epoch")

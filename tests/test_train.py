@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from medlab.train import (
     compile_model,
     get_strategy,
     make_callbacks,
+    one_call_per_epoch,
     set_determinism,
     summarise_model,
     train_model,
@@ -92,6 +94,53 @@ def test_training_writes_checkpoint_history_and_summary(tiny, tmp_path):
     assert list(predictions.columns) == ["id", "label", "p_normal", "p_pneumonia"]
     assert len(predictions) == 48
     np.testing.assert_allclose(predictions["p_normal"] + predictions["p_pneumonia"], 1.0, atol=1e-5)
+
+
+class BatchEnds(keras.callbacks.Callback):
+    """Counts the returns to Python during training (Keras calls on_train_batch_end after each call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_one_call_per_epoch_trains_the_same_weights_without_overrunning_an_epoch(tiny, epochs):
+    from medlab.data import make_tf_dataset
+
+    steps = 3  # 48 training images in batches of 16
+    trained = []
+    for per_epoch in (False, True):
+        set_determinism(0)
+        model = compile_model(build_scratch_cnn((32, 32, 1), 2, tiny.train.images, filters=(8, 16), dense_units=8), 2)
+        data = make_tf_dataset(tiny.train, 2, 16, shuffle=True, seed=0, augmentation=build_augmentation(seed=0),
+                               repeat=True)
+        calls = BatchEnds()
+        with one_call_per_epoch(model, steps) if per_epoch else contextlib.nullcontext():
+            history = model.fit(data, validation_data=make_tf_dataset(tiny.val, 2, 16), epochs=epochs,
+                                steps_per_epoch=steps, callbacks=[calls], verbose=0)
+        assert model.steps_per_execution == 1  # as before, for what comes next
+        assert calls.count == (epochs if per_epoch else epochs * steps)
+        assert int(model.optimizer.iterations.numpy()) == epochs * steps  # exactly the epoch's steps, no more
+        trained.append((model.get_weights(), history.history))
+    for ours, theirs in zip(trained[0][0], trained[1][0]):
+        np.testing.assert_array_equal(ours, theirs)  # the same ops in the same order: bit for bit
+    assert trained[0][1] == trained[1][1]
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        with one_call_per_epoch(model, 0):
+            pass
+
+
+def test_train_model_runs_each_epoch_in_one_call(tiny, tmp_path):
+    set_determinism(0)
+    model = compile_model(build_scratch_cnn((32, 32, 1), 2, tiny.train.images, filters=(8, 16), dense_units=8), 2)
+    calls = BatchEnds()
+    history = train_model(model, tiny, tmp_path, TrainConfig(max_epochs=2, batch_size=16), verbose=0, callbacks=[calls])
+    assert calls.count == len(history) == 2
+    assert int(model.optimizer.iterations.numpy()) == 2 * 3
 
 
 def test_callbacks_are_wired_as_documented(tmp_path):
