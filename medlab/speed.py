@@ -370,6 +370,9 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
             for overhead in OVERHEADS if overheads and not suffix else ():
                 without = measure_training(build, side, channels, switched_off=overhead, epochs=epochs, **lesson)
                 row[f"without_{overhead}_images_per_s"] = round(without, 1)
+            if suffix:  # the same FLOP/s against the float32 conv rate measured next to the float32 row
+                float32_conv = max(rows[name]["conv2d_gflops_before_and_after"])
+                row["percent_of_float32_conv"] = round(100 * rate * train_gflop / float32_conv, 1)
             rows[name + suffix] = row
     return {"cpu_count": config.cpu_count(), "onednn": onednn_enabled(), "attainable": peak, "models": rows,
             "lessons": lesson_summary(run_dir) if run_dir else {}}
@@ -412,6 +415,12 @@ def markdown(result: dict) -> str:
                    " too; % of first conv: against the rate at the start. " if adjacent else "")
               + f"images/s and step alone: the best of {TRIALS} runs, as the attainable rates"
               + ("; each overhead column one run (differences of 15% or less there can be noise)." if overheads else ".")]
+    against_float32 = {name: row["percent_of_float32_conv"] for name, row in result["models"].items()
+                       if "percent_of_float32_conv" in row}
+    if against_float32:
+        lines += ["", "The `_bfloat16` rows' GFLOP/s against the float32 conv rate measured next to their float32 rows"
+                  " (what the same training would be held to on a CPU without bfloat16 instructions): "
+                  + ", ".join(f"{name} {percent:.0f}%" for name, percent in against_float32.items()) + "."]
     lessons = result.get("lessons") or {}
     if lessons:
         at_once = lessons.get("notebooks_at_once", 1)

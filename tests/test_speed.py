@@ -151,6 +151,28 @@ def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch):
                                                    "models": rows})
 
 
+def test_bfloat16_rows_are_also_set_against_the_float32_conv_rate(monkeypatch):
+    import medlab.train
+
+    rates = {"float32": iter([100.0, 150.0]), "bfloat16": iter([600.0, 500.0])}
+    monkeypatch.setattr(speed, "conv_rates", lambda precision="float32": {"32px_32to64": next(rates[precision])})
+    monkeypatch.setattr(speed, "attainable_rates", lambda bfloat16: {
+        "matmul_2048_gflops": 90.0, "conv2d_train_gflops": {"32px_32to64": 120.0}, "attainable_conv2d_gflops": 120.0,
+        "conv2d_train_gflops_bfloat16": {"32px_32to64": 550.0}, "attainable_conv2d_gflops_bfloat16": 550.0})
+    monkeypatch.setattr(medlab.train, "cpu_trains_bfloat16", lambda: True)
+    models = speed.lesson_models()
+    monkeypatch.setattr(speed, "lesson_models", lambda: {"scratch_cnn_64px": models["scratch_cnn_64px"]})
+    monkeypatch.setattr(speed, "measure_training",
+                        lambda *args, precision="float32", **kwargs: 1000.0 if precision == "float32" else 2000.0)
+    monkeypatch.setattr(speed, "measure_step", lambda *args, **kwargs: 3000.0)
+    result = speed.speed_benchmark(overheads=False)
+    float32, bfloat16 = result["models"]["scratch_cnn_64px"], result["models"]["scratch_cnn_64px_bfloat16"]
+    assert "percent_of_float32_conv" not in float32
+    assert bfloat16["percent_of_attainable"] == pytest.approx(100 * bfloat16["achieved_gflops"] / 600.0, abs=0.1)
+    assert bfloat16["percent_of_float32_conv"] == pytest.approx(100 * bfloat16["achieved_gflops"] / 150.0, abs=0.1)
+    assert f"scratch_cnn_64px_bfloat16 {bfloat16['percent_of_float32_conv']:.0f}%." in speed.markdown(result)
+
+
 def test_lesson_summary_and_markdown(tmp_path):
     run = tmp_path / "run"
     (run / "models" / "scratch_cnn").mkdir(parents=True)
