@@ -181,8 +181,9 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
     Keras' own batch norm; ``"step_per_call"``: Keras' default of one training
     step per call into TensorFlow rather than :func:`medlab.train.one_call_per_epoch`).
     A warm-up epoch (two steps when one step per call) and one validation,
-    which trace every function, are not timed; then ``epochs`` epochs are, validation included, ``trials`` times
-    over (training on): the best of them, as :func:`attainable_rates` takes its best.
+    which trace every function, are not timed; then ``epochs`` epochs are,
+    validation included, ``trials`` times over (training on): the best of
+    them, as :func:`attainable_rates` takes its best.
     ``precision`` is the Keras policy to build and train in (e.g. ``"mixed_bfloat16"``);
     ``augmentation_config`` the lesson's :class:`medlab.augment.AugmentationConfig` (default: lesson 03's).
     """
