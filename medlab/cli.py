@@ -7,6 +7,7 @@ clear message and exit status 1; ``--debug`` shows the full traceback.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 
@@ -19,9 +20,12 @@ def _parse_parameter(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"parameters look like name=value, got {text!r}")
     name, raw = text.split("=", 1)
     try:
-        value = json.loads(raw)
+        value = json.loads(raw)  # 32, 0.5, true, "text", [1, 2]
     except ValueError:
-        value = raw
+        try:  # Python's spelling as in the notebooks' parameter cells: False, True, None, ('a', 'b')
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare string: -p dataset=pneumoniamnist
     return name.strip(), value
 
 

@@ -1,8 +1,9 @@
 import json
 
 import numpy as np
+import pytest
 
-from medlab.cli import main
+from medlab.cli import _parse_parameter, main
 
 
 def test_info_prints_description(tiny_npz, capsys):
@@ -55,3 +56,16 @@ def test_python_dash_m_medlab_is_the_same_command_line():
 
     result = subprocess.run([sys.executable, "-m", "medlab", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "{data,info,audit,reports,predict,serve,bench}" in result.stdout
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("mixed_precision=False", ("mixed_precision", False)),  # a string "False" would be truthy: bfloat16 after all
+    ("mixed_precision=false", ("mixed_precision", False)),
+    ("test_time_views=True", ("test_time_views", True)),
+    ("image_size=32", ("image_size", 32)),
+    ("learning_rate=0.003", ("learning_rate", 0.003)),
+    ("monitor=auc", ("monitor", "auc")),
+    ("dataset=../data/x.npz", ("dataset", "../data/x.npz")),
+])
+def test_parameters_are_typed_as_in_the_notebooks(text, expected):
+    assert _parse_parameter(text) == expected
