@@ -215,7 +215,8 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
                 PreciseBatchNorm(train.images, batch_size=batch_size, seed=seed)]
             per_call = 1 if switched_off == "step_per_call" else steps  # as train_model runs an epoch
             with one_call_per_epoch(model, per_call):
-                model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=max(per_call, min(2, steps)),
+                warm_up = min(2, steps) if per_call == 1 else steps  # traces the function the timed epochs call
+                model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=warm_up,
                           callbacks=callbacks, verbose=0)
                 seconds = []
                 for _ in range(trials):

@@ -302,8 +302,9 @@ def one_call_per_epoch(model: keras.Model, steps_per_epoch: int):
     By default Keras' ``fit`` comes back to Python after every step
     (``steps_per_execution=1``) to run callbacks, update logs and hand over
     the next batch. On a 2-core Xeon, one call per epoch trained lesson 03's
-    CNN on 5-11% more images per second, measured alone (``medlab bench
-    speed``'s "one step per call" column). Keras' ``fit`` always runs
+    64 px CNN in bfloat16 on 5-8% more images per second, measured alone
+    (alternating processes; ``medlab bench speed`` has a "one step per call"
+    column). Keras' ``fit`` always runs
     ``steps_per_execution`` steps per call, so on a repeated dataset a count
     that does not divide the epoch would overrun it; a whole epoch per call
     never does. The steps are the same ops in the same order: the trained
