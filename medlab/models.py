@@ -72,16 +72,29 @@ class FusedBatchNormalization(layers.BatchNormalization):
     step (``medlab bench speed`` measures it). TensorFlow's
     ``FusedBatchNormV3`` does the same arithmetic in one pass, forward and
     backward. The moving averages are updated exactly as Keras does, with the
-    batch's biased variance; inference, masks, channels-first inputs and
-    ``synchronized=True`` (statistics over every worker of a multi-worker
+    batch's biased variance; float32 inference, masks, channels-first inputs
+    and ``synchronized=True`` (statistics over every worker of a multi-worker
     run, see :mod:`medlab.distributed`) use Keras' own code, so a saved model
-    predicts and exports as before.
+    (float32) predicts and exports as before.
+
+    Inference on bfloat16 activations (validation while lesson 03 trains
+    under ``mixed_bfloat16``) runs the fused kernel too, with the moving
+    statistics: Keras casts every activation to float32, normalises in two
+    elementwise passes and casts back.
     """
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or mask is not None or self.renorm or self.synchronized \
-                or len(inputs.shape) != 4 or self.axis not in (-1, 3):
-            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        fusable = mask is None and not self.renorm and len(inputs.shape) == 4 and self.axis in (-1, 3)
+        if fusable and training and self.trainable and not self.synchronized:
+            return self._fused(inputs, training=True)
+        if fusable and not (training and self.trainable) and inputs.dtype == tf.bfloat16:
+            return self._fused(inputs, training=False)
+        return super().call(inputs, training=training, mask=mask)
+
+    def _fused(self, inputs, training: bool):
+        """``FusedBatchNormV3`` on NHWC ``inputs``: batch statistics (and moving averages updated) or moving ones."""
         import tensorflow as tf
 
         # bfloat16 (lesson 03 under mixed_bfloat16 on a CPU with bfloat16 instructions) goes to the kernel as it is, with float32
@@ -91,6 +104,12 @@ class FusedBatchNormalization(layers.BatchNormalization):
         channels = x.shape[-1]
         gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        if not training:
+            outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=gamma, offset=beta, mean=tf.convert_to_tensor(self.moving_mean),
+                variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon, data_format="NHWC",
+                is_training=False)
+            return outputs
         outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=gamma, offset=beta, mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
             epsilon=self.epsilon, data_format="NHWC", is_training=True)

@@ -313,6 +313,31 @@ def test_fused_batchnorm_takes_bfloat16_without_casting_it():
 
 
 @needs_bfloat16
+def test_fused_batchnorm_infers_on_bfloat16_without_casting_it():
+    """Validation under mixed_bfloat16: the moving statistics applied by the fused kernel, no float32 round trip."""
+    import tensorflow as tf
+
+    inputs = np.random.default_rng(0).normal(2.0, 3.0, (8, 5, 5, 4)).astype("float32")
+    reference = keras.layers.BatchNormalization(momentum=0.9, dtype="mixed_bfloat16")
+    half = models.FusedBatchNormalization(momentum=0.9, dtype="mixed_bfloat16")
+    for layer in (reference, half):
+        layer.build(inputs.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 4))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 4))
+        layer.moving_mean.assign(np.linspace(1.0, 3.0, 4))
+        layer.moving_variance.assign(np.linspace(4.0, 16.0, 4))
+    outputs = [layer(tf.cast(inputs, tf.bfloat16), training=False) for layer in (reference, half)]
+    assert outputs[1].dtype == tf.bfloat16
+    # the same normalisation to bfloat16's 8 bits; the outputs reach about 5 in size
+    np.testing.assert_allclose(tf.cast(outputs[1], tf.float32), tf.cast(outputs[0], tf.float32), atol=0.04)
+    assert np.abs(tf.cast(outputs[0], tf.float32).numpy()).max() > 3.0
+    graph = tf.function(lambda x: half(x, training=False)).get_concrete_function(
+        tf.TensorSpec(inputs.shape, tf.bfloat16)).graph
+    assert not [op for op in graph.get_operations() if op.type == "Cast"]
+    assert [op for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+
+
+@needs_bfloat16
 def test_as_float32_makes_a_bfloat16_model_compute_in_float32():
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype("uint8")
     with models.global_dtype_policy("mixed_bfloat16"):
