@@ -21,6 +21,7 @@ pipeline stage:
 - :mod:`medlab.reports`    running the notebooks into ``reports/``
 """
 
+import logging
 import os
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) buries
@@ -32,5 +33,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # same weights on every rerun. Set before TensorFlow loads; `make setup` also sets it in the medlab kernel.
 # TF_ENABLE_ONEDNN_OPTS=0 in the environment keeps TensorFlow's own kernels.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+class KerasRetracingFilter(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning when it is about Keras' own training functions.
+
+    Keras makes new train and predict functions for every model it trains, and TensorFlow counts them as one
+    function (they share their code), so after five models trained or predicted with in one process (lesson 03's
+    members, its written-out fit and its test-time views) TensorFlow prints "5 out of the last 5 calls ... triggered
+    tf.function retracing ... please define your @tf.function outside of the loop": advice about Keras' insides
+    that a reader cannot follow, in the middle of a lesson. The warning about a reader's own ``tf.function`` is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "<function TensorFlowTrainer." in message)
+
+
+logging.getLogger("tensorflow").addFilter(KerasRetracingFilter())
 
 __version__ = "0.1.0"
