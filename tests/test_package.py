@@ -1,4 +1,4 @@
-"""The package's shape: no import cycle between medlab's modules, at any depth (function-level imports count)."""
+"""The package's shape (no import cycle between medlab's modules, at any depth: function-level imports count) and what importing it sets up."""
 
 import ast
 from pathlib import Path
@@ -75,3 +75,37 @@ def test_no_function_in_medlab_is_over_60_lines():
                 if length > 60:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_keras_retracing_warnings_are_dropped_and_a_readers_own_are_kept():
+    """Several models trained in one process: no 'please define your @tf.function outside of the loop' about Keras."""
+    import logging
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import medlab  # noqa: F401  (installs the filter)
+
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    collect = Collect()
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(collect)
+    try:
+        images, labels = np.zeros((8, 4), "float32"), np.zeros((8, 1), "float32")
+        for _ in range(7):
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            model.compile(loss="mse")
+            model.fit(images, labels, epochs=1, verbose=0)
+            model.predict(images, verbose=0)
+        assert not [message for message in messages if "retracing" in message]
+        for step in range(7):  # a reader's own tf.function, made again in a loop: TensorFlow's advice stands
+            tf.function(lambda x: x + 1)(tf.constant(step))
+        assert [message for message in messages if "retracing" in message and "lambda" in message]
+    finally:
+        logger.removeHandler(collect)

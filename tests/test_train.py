@@ -424,32 +424,3 @@ def test_mixed_precision_is_float32_on_a_cpu_and_outputs_stay_float32():
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
-
-def test_keras_retracing_warnings_are_dropped_and_a_readers_own_are_kept():
-    """Several models trained in one process: no 'please define your @tf.function outside of the loop' about Keras."""
-    import logging
-
-    import tensorflow as tf
-
-    messages = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    collect = Collect()
-    logger = logging.getLogger("tensorflow")
-    logger.addHandler(collect)
-    try:
-        images, labels = np.zeros((8, 4), "float32"), np.zeros((8, 1), "float32")
-        for _ in range(7):
-            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-            model.compile(loss="mse")
-            model.fit(images, labels, epochs=1, verbose=0)
-            model.predict(images, verbose=0)
-        assert not [message for message in messages if "retracing" in message]
-        for step in range(7):  # a reader's own tf.function, made again in a loop: TensorFlow's advice stands
-            tf.function(lambda x: x + 1)(tf.constant(step))
-        assert [message for message in messages if "retracing" in message and "lambda" in message]
-    finally:
-        logger.removeHandler(collect)
