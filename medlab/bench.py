@@ -203,6 +203,61 @@ def merge_benchmark(folders: list[str | Path]) -> dict:
             "gpus": sorted({gpu for run in runs for gpu in run["metrics"].get("machine", {}).get("gpus", [])})}
 
 
+
+def compare_benchmarks(result: dict, baseline: dict) -> dict:
+    """Per model and headline number: ``result``'s mean over seeds against ``baseline``'s, with the difference's spread.
+
+    Both are :func:`full_benchmark` or :func:`merge_benchmark` results of one
+    dataset, e.g. a new commit's seeds and an old commit's. The standard error
+    of the difference of the two means is sqrt(s1^2 / n1 + s2^2 / n2) (the runs
+    are not paired: another commit draws other random numbers from a seed), so
+    "differences" within about one of them are what the seeds alone would give.
+    """
+    if result["dataset"] != baseline["dataset"]:
+        raise ValueError(f"the two benches are of different datasets: {result['dataset']} and {baseline['dataset']}")
+    rows = []
+    for name, values in result["summary"].items():
+        before = baseline["summary"].get(name)
+        if name.startswith("_") or before is None:
+            continue
+        for key, stats in values.items():
+            if key not in before or len(stats["values"]) < 2 or len(before[key]["values"]) < 2:
+                continue
+            difference = stats["mean"] - before[key]["mean"]
+            error = float(np.sqrt(stats["std"] ** 2 / len(stats["values"])
+                                  + before[key]["std"] ** 2 / len(before[key]["values"])))
+            rows.append({"model": name, "measure": key, "baseline": before[key], "new": stats,
+                         "difference": difference, "standard_error": error,
+                         "in_standard_errors": difference / error if error > 1e-9 else None})  # not rounding noise
+    walls = [side["summary"]["_report_wall_time_s"]["mean"] for side in (baseline, result)]
+    return {"dataset": result["dataset"], "commits": {"baseline": _commits(baseline), "new": _commits(result)},
+            "seeds": {"baseline": baseline["seeds"], "new": result["seeds"]}, "rows": rows,
+            "report_wall_time_s": {"baseline": walls[0], "new": walls[1], "speedup": walls[0] / walls[1]}}
+
+
+def _commits(result: dict) -> list[str]:
+    return sorted({run["metrics"].get("git_commit", "unknown")[:7] for run in result["runs"]})
+
+
+def comparison_table(comparison: dict) -> str:
+    """:func:`compare_benchmarks` as markdown: one row per model and measure."""
+    commits, seeds = comparison["commits"], comparison["seeds"]
+    lines = [f"New ({', '.join(commits['new'])}, {seeds['new']} seeds) against baseline "
+             f"({', '.join(commits['baseline'])}, {seeds['baseline']} seeds); mean ± standard deviation over seeds; "
+             "standard error of the difference of the means.", "",
+             "| model | measure | baseline | new | new - baseline | standard error | in standard errors |",
+             "|---|---|---|---|---|---|---|"]
+    for row in comparison["rows"]:
+        digits = 0 if row["measure"] == "train_seconds" else 4
+        ratio = row["in_standard_errors"]
+        lines.append(f"| {row['model']} | {row['measure']} | {_cell(row['baseline'], digits)} | {_cell(row['new'], digits)} "
+                     f"| {row['difference']:+.{digits}f} | {row['standard_error']:.{digits}f} | "
+                     + (f"{ratio:+.1f} |" if ratio is not None else "n/a |"))
+    wall = comparison["report_wall_time_s"]
+    lines += ["", f"`make reports` wall time: {wall['baseline']:.0f} s mean against {wall['new']:.0f} s "
+                  f"({wall['speedup']:.2f}x)."]
+    return "\n".join(lines)
+
 # Lesson 06's multi-class headline metric -> (bench key, column title).
 MULTICLASS_COLUMNS = {"accuracy": ("accuracy", "accuracy"), "recall": ("macro_recall", "macro recall"),
                       "f1": ("macro_f1", "macro F1"), "roc_auc": ("macro_auc", "macro one-vs-rest AUC")}

@@ -86,13 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="print benchmark figures")
-    bench.add_argument("what", choices=["full", "data", "speed", "merge"], nargs="?", default="full",
+    bench.add_argument("what", choices=["full", "data", "speed", "merge", "compare"], nargs="?", default="full",
                        help="full: the whole report per seed, then one table (default); data: the data pipeline "
                             "only; speed: training FLOP/s against this CPU's attainable rate, and overheads; "
-                            "merge: one table from finished bench runs (--runs), e.g. seeds run on several machines")
+                            "merge: one table from finished bench runs (--runs), e.g. seeds run on several machines; "
+                            "compare: finished bench runs (--runs) against a baseline's (--against), e.g. two commits")
     bench.add_argument("--seed", type=int, action="append", dest="only_seeds",
                        help="full: run only this seed (repeatable), e.g. one seed per machine")
-    bench.add_argument("--runs", nargs="+", help="merge: the bench run folders (reports/bench-<data>-seed<N>)")
+    bench.add_argument("--runs", nargs="+", help="merge, compare: the bench run folders (reports/bench-<data>-seed<N>)")
+    bench.add_argument("--against", nargs="+", help="compare: the baseline's bench run folders")
     bench.add_argument("--run", help="speed: a finished run folder whose lesson wall times and epochs to report")
     bench.add_argument("--skip-bad-files", action="store_true", help="full: leave unreadable images out of every run")
     bench.add_argument("--dataset", help="default: the real PneumoniaMNIST when found, else synthetic")
@@ -234,6 +236,19 @@ def _bench(arguments) -> int:
         json_path, markdown_path = speed.write_results(results, config.reports_dir() / "bench")
         print(json.dumps(results, indent=2) if arguments.json else speed.markdown(results))
         print(f"\nwritten: {json_path}, {markdown_path}")
+        return 0
+    if arguments.what == "compare":
+        if not arguments.runs or not arguments.against:
+            raise ValueError("bench compare needs --runs FOLDER [FOLDER ...] --against FOLDER [FOLDER ...] "
+                             "(finished bench runs: the new ones, then the baseline's)")
+        comparison = bench.compare_benchmarks(bench.merge_benchmark(arguments.runs),
+                                              bench.merge_benchmark(arguments.against))
+        folder = config.reports_dir() / "bench"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "compare.json").write_text(json.dumps(comparison, indent=2) + "\n")
+        (folder / "compare.md").write_text(bench.comparison_table(comparison) + "\n")
+        print(json.dumps(comparison, indent=2) if arguments.json else bench.comparison_table(comparison))
+        print(f"\nwritten: {folder / 'compare.json'}, {folder / 'compare.md'}")
         return 0
     if arguments.what == "merge":
         if not arguments.runs:

@@ -100,3 +100,46 @@ def test_runs_from_several_machines_merge_into_one_table(tmp_path):
         merge_benchmark([tmp_path / "bench-x-seed0", other])
     with pytest.raises(FileNotFoundError, match="not a finished report run"):
         merge_benchmark([tmp_path])
+
+
+def test_two_commits_benches_compare_with_the_standard_error_of_the_difference(tmp_path):
+    """`medlab bench compare --runs NEW... --against OLD...`: means, difference and its standard error per measure."""
+    import json
+
+    from medlab.bench import compare_benchmarks, comparison_table, merge_benchmark
+    from medlab.cli import main
+
+    def runs(side, commit, aucs, wall):
+        folders = []
+        for seed, auc in enumerate(aucs):
+            folder = tmp_path / side / f"bench-x-seed{seed}"
+            folder.mkdir(parents=True)
+            model = {"test": {"roc_auc": auc, "recall": 0.9, "specificity": 0.8},
+                     "test_at": {"default_0.5": {"accuracy": 0.9}}}
+            (folder / "metrics.json").write_text(json.dumps({
+                "dataset_spec": "pneumoniamnist", "total_wall_time_s": wall, "git_commit": commit,
+                "parameters": {"03_scratch_cnn": {"seed": seed}}, "records": {"evaluation": {"models": {
+                    "scratch_cnn": model}}}}))
+            folders.append(folder)
+        return folders
+
+    new, old = runs("new", "b" * 40, [0.97, 0.99], 100.0), runs("old", "a" * 40, [0.95, 0.96, 0.97], 400.0)
+    comparison = compare_benchmarks(merge_benchmark(new), merge_benchmark(old))
+    auc = next(row for row in comparison["rows"] if row["measure"] == "test_auc")
+    assert auc["difference"] == pytest.approx(0.98 - 0.96)
+    # standard deviations 0.01414 (2 seeds) and 0.01 (3 seeds)
+    assert auc["standard_error"] == pytest.approx((0.0002 / 2 + 0.0001 / 3) ** 0.5)
+    accuracy = next(row for row in comparison["rows"] if row["measure"] == "accuracy_at_0.5")
+    assert accuracy["difference"] == pytest.approx(0.0) and accuracy["in_standard_errors"] is None  # no spread
+    assert comparison["report_wall_time_s"]["speedup"] == pytest.approx(4.0)
+    assert comparison["commits"] == {"baseline": ["aaaaaaa"], "new": ["bbbbbbb"]}
+    table = comparison_table(comparison)
+    assert "| scratch_cnn | test_auc | 0.9600 ± 0.0100 | 0.9800 ± 0.0141 | +0.0200 | 0.0115 | +1.7 |" in table
+    assert "400 s mean against 100 s (4.00x)" in table
+
+    assert main(["bench", "compare", "--runs", *map(str, new), "--against", *map(str, old)]) == 0  # conftest's reports dir
+    assert "+0.0200" in (tmp_path / "reports" / "bench" / "compare.md").read_text()
+    assert main(["bench", "compare", "--runs", *map(str, new)]) == 1  # no baseline: a message, not a traceback
+    assert json.loads((tmp_path / "reports" / "bench" / "compare.json").read_text())["seeds"] == {"baseline": 3, "new": 2}
+    with pytest.raises(ValueError, match="different datasets"):
+        compare_benchmarks(merge_benchmark(new), {**merge_benchmark(old), "dataset": "synthetic"})
