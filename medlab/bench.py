@@ -203,7 +203,6 @@ def merge_benchmark(folders: list[str | Path]) -> dict:
             "gpus": sorted({gpu for run in runs for gpu in run["metrics"].get("machine", {}).get("gpus", [])})}
 
 
-
 def compare_benchmarks(result: dict, baseline: dict) -> dict:
     """Per model and headline number: ``result``'s mean over seeds against ``baseline``'s, with the difference's spread.
 
@@ -257,6 +256,7 @@ def comparison_table(comparison: dict) -> str:
     lines += ["", f"`make reports` wall time: {wall['baseline']:.0f} s mean against {wall['new']:.0f} s "
                   f"({wall['speedup']:.2f}x)."]
     return "\n".join(lines)
+
 
 # Lesson 06's multi-class headline metric -> (bench key, column title).
 MULTICLASS_COLUMNS = {"accuracy": ("accuracy", "accuracy"), "recall": ("macro_recall", "macro recall"),
@@ -373,9 +373,10 @@ def _rows(models: dict, columns: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def write_results(result: dict, folder: Path) -> tuple[Path, Path]:
+def write_results(result: dict, folder: Path, name: str = "bench") -> tuple[Path, Path]:
+    """``<name>.json`` and ``<name>.md`` in ``folder``: a bench result, or with ``name="compare"`` a comparison."""
     folder.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = folder / "bench.json", folder / "bench.md"
+    json_path, markdown_path = folder / f"{name}.json", folder / f"{name}.md"
     json_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    markdown_path.write_text(markdown_table(result) + "\n")
+    markdown_path.write_text((comparison_table(result) if name == "compare" else markdown_table(result)) + "\n")
     return json_path, markdown_path

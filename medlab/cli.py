@@ -243,12 +243,9 @@ def _bench(arguments) -> int:
                              "(finished bench runs: the new ones, then the baseline's)")
         comparison = bench.compare_benchmarks(bench.merge_benchmark(arguments.runs),
                                               bench.merge_benchmark(arguments.against))
-        folder = config.reports_dir() / "bench"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "compare.json").write_text(json.dumps(comparison, indent=2) + "\n")
-        (folder / "compare.md").write_text(bench.comparison_table(comparison) + "\n")
+        json_path, markdown_path = bench.write_results(comparison, config.reports_dir() / "bench", name="compare")
         print(json.dumps(comparison, indent=2) if arguments.json else bench.comparison_table(comparison))
-        print(f"\nwritten: {folder / 'compare.json'}, {folder / 'compare.md'}")
+        print(f"\nwritten: {json_path}, {markdown_path}")
         return 0
     if arguments.what == "merge":
         if not arguments.runs:
