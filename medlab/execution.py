@@ -109,10 +109,30 @@ def render_html(notebook_path: Path) -> Path:
     from nbconvert import HTMLExporter
 
     notebook = nbformat.read(notebook_path, as_version=4)
+    _images_with_alt_text(notebook)
     body, _resources = HTMLExporter().from_notebook_node(notebook)
     html_path = notebook_path.with_suffix(".html")
     html_path.write_text(body, encoding="utf-8")
     return html_path
+
+
+def _images_with_alt_text(notebook) -> None:
+    """PNG outputs that carry alternative text (:func:`medlab.plots.show_alt_text`) rendered as ``<img alt=...>``.
+
+    nbconvert's templates drop an output's ``alt`` metadata (and then label
+    the image "No description has been provided"), so such outputs get an
+    HTML form, which nbconvert prefers to the PNG; in memory only, the
+    executed notebook is not changed.
+    """
+    import html
+
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            alt = output.get("metadata", {}).get("image/png", {}).get("alt")
+            if alt and "image/png" in data and "text/html" not in data:
+                data["text/html"] = (f'<img src="data:image/png;base64,{data["image/png"].strip()}" '
+                                     f'alt="{html.escape(alt)}">')
 
 
 def execute(task: Task, progress: bool | dict = True, log_output: bool = True) -> float:

@@ -29,6 +29,69 @@ def save_figure(figure, run_dir: str | Path | None, name: str) -> Path | None:
     return path
 
 
+def describe_figure(figure, max_panels: int = 6) -> str:
+    """Alternative text for ``figure`` (what a screen reader says in the HTML reports): its titles and axis labels.
+
+    The figure's title, then each titled or labelled panel ("title (x: label,
+    y: label)"), the first ``max_panels`` of them and how many more; image
+    grids whose panels carry no text are counted.
+    """
+    parts = []
+    title = figure._suptitle.get_text() if figure._suptitle is not None else ""
+    panels = []
+    for axis in figure.axes:
+        labels = [f"{name}: {text}" for name, text in (("x", axis.get_xlabel()), ("y", axis.get_ylabel())) if text]
+        text = axis.get_title() + (f" ({', '.join(labels)})" if labels else "")
+        if text:
+            panels.append(text.strip())
+    parts.append(f"Figure: {title}." if title else "Figure.")
+    if panels:
+        more = len(panels) - max_panels
+        parts.append("Panels: " + "; ".join(panels[:max_panels]) + (f"; and {more} more." if more > 0 else "."))
+    images = sum(bool(axis.get_images()) for axis in figure.axes)
+    if images:
+        parts.append(f"{images} image panel(s).")
+    notes = [text.get_text() for text in figure.texts if text.get_text() and text is not figure._suptitle]
+    return " ".join(parts + notes)
+
+
+def show_alt_text() -> bool:
+    """In a Jupyter kernel, give every Matplotlib figure's PNG output its :func:`describe_figure` text.
+
+    IPython's PNG formatter may return ``(data, metadata)``; the ``alt``
+    entry of that metadata travels with the output into the executed
+    notebook, and :func:`medlab.execution.render_html` puts it on the image.
+    The inline backend registers its own PNG printer when it loads, so this
+    loads it first (one empty figure) and wraps that printer. Returns whether
+    it did (False outside a kernel: scripts and tests are untouched).
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        return False
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return False
+    plt.close(plt.figure())  # loads the backend, which registers its PNG printer
+    return _wrap_png_printer(shell.display_formatter.formatters["image/png"])
+
+
+def _wrap_png_printer(formatter) -> bool:
+    from matplotlib.figure import Figure
+
+    printer = formatter.lookup_by_type(Figure) if Figure in formatter.type_printers else None
+    if printer is None or getattr(printer, "medlab_alt_text", False):
+        return printer is not None
+
+    def png_with_alt_text(figure):
+        data = printer(figure)
+        return (data, {"alt": describe_figure(figure)}) if data else data
+
+    png_with_alt_text.medlab_alt_text = True
+    formatter.for_type(Figure, png_with_alt_text)
+    return True
+
+
 def _show(axis, image: np.ndarray, title: str | None = None) -> None:
     if image.shape[-1] == 1:
         axis.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
@@ -426,3 +489,6 @@ __all__ = [
     "plot_reliability",
     "gallery_indices", "plot_error_gallery", "plot_gradcam_gallery", "plot_tflite_comparison",
 ]
+
+
+show_alt_text()  # figures shown in a Jupyter kernel carry alternative text (a no-op elsewhere)

@@ -147,3 +147,22 @@ def test_a_waiting_notebook_runs_in_a_kernel_started_ahead_with_its_preload(fold
     tasks = [dataclasses.replace(task, preload=preload) for task in tasks]
     run_notebooks(tasks, at_once=2, progress=False)
     assert (folder / "05.pid").read_text() == (folder / "preloaded.pid").read_text()
+
+
+def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
+    """A PNG output with ``alt`` metadata (medlab.plots.show_alt_text) keeps it in the HTML; others get nbconvert's."""
+    from nbformat.v4 import new_output
+
+    cell = new_code_cell("plt.show()", outputs=[
+        new_output("display_data", data={"image/png": "iVBORw0KGgo=\n"},
+                   metadata={"image/png": {"alt": 'Figure: ROC "curves" <both>.'}}),
+        new_output("display_data", data={"image/png": "iVBORw0KGgp=\n"})])
+    path = tmp_path / "figures.ipynb"
+    nbformat.write(new_notebook(cells=[cell]), path)
+    from bs4 import BeautifulSoup  # nbconvert's own HTML parser
+
+    images = BeautifulSoup(execution.render_html(path).read_text(), "html.parser").find_all("img")
+    assert [(image["src"].strip(), image["alt"]) for image in images] == [
+        ("data:image/png;base64,iVBORw0KGgo=", 'Figure: ROC "curves" <both>.'),
+        ("data:image/png;base64,iVBORw0KGgp=", "No description has been provided for this image")]
+    assert "text/html" not in nbformat.read(path, as_version=4).cells[0].outputs[0].data  # the notebook is unchanged

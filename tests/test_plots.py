@@ -67,3 +67,43 @@ def test_gallery_groups_binary_and_per_class():
     titles = plots.gallery_titles(groups, predicted, names)
     assert titles[0] == "glioma: correct" and "notumor as glioma" in titles
     assert titles[1] in {"glioma as meningioma", "glioma as notumor"} and len(titles) == 5
+
+
+def test_figures_describe_themselves_for_alternative_text():
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2)
+    figure.suptitle("Curves")
+    left.set_title("ROC")
+    left.set_xlabel("false positive rate")
+    left.set_ylabel("recall")
+    right.imshow(np.zeros((4, 4)))
+    figure.text(0.9, 0.0, "SYNTHETIC DATA")
+    assert plots.describe_figure(figure) == ("Figure: Curves. Panels: ROC (x: false positive rate, y: recall). "
+                                             "1 image panel(s). SYNTHETIC DATA")
+    many, axes = plt.subplots(1, 8)
+    for index, axis in enumerate(axes):
+        axis.set_title(f"image {index}")
+    assert plots.describe_figure(many, max_panels=2) == "Figure. Panels: image 0; image 1; and 6 more."
+    plt.close("all")
+
+
+def test_a_kernels_png_output_of_a_figure_carries_its_alternative_text():
+    """What show_alt_text does in a Jupyter kernel, on IPython's own formatters (outside a kernel it does nothing)."""
+    import matplotlib.pyplot as plt
+    from IPython.core.formatters import DisplayFormatter
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    assert plots.show_alt_text() is False  # no IPython shell here
+    formatter = DisplayFormatter()
+    png = formatter.formatters["image/png"]
+    assert plots._wrap_png_printer(png) is False  # nothing to wrap before the inline backend registers its printer
+    png.for_type(Figure, lambda figure: print_figure(figure, "png"))  # as matplotlib_inline does
+    assert plots._wrap_png_printer(png) and plots._wrap_png_printer(png)  # wrapped once, however often called
+    figure, axis = plt.subplots()
+    axis.set_title("Images per class")
+    data, metadata = formatter.format(figure, include={"image/png"})
+    assert data["image/png"][:4] == b"\x89PNG"
+    assert metadata["image/png"]["alt"] == "Figure. Panels: Images per class."
+    plt.close("all")
