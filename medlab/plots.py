@@ -37,7 +37,7 @@ def describe_figure(figure, max_panels: int = 6) -> str:
     grids whose panels carry no text are counted.
     """
     parts = []
-    title = figure._suptitle.get_text() if figure._suptitle is not None else ""
+    title = figure.get_suptitle()
     panels = []
     for axis in figure.axes:
         labels = [f"{name}: {text}" for name, text in (("x", axis.get_xlabel()), ("y", axis.get_ylabel())) if text]
@@ -51,7 +51,7 @@ def describe_figure(figure, max_panels: int = 6) -> str:
     images = sum(bool(axis.get_images()) for axis in figure.axes)
     if images:
         parts.append(f"{images} image panel(s).")
-    notes = [text.get_text() for text in figure.texts if text.get_text() and text is not figure._suptitle]
+    notes = [text.get_text() for text in figure.texts if text.get_text() not in ("", title)]  # banners
     return " ".join(parts + notes)
 
 
