@@ -30,24 +30,30 @@ def save_figure(figure, run_dir: str | Path | None, name: str) -> Path | None:
 
 
 def describe_figure(figure, max_panels: int = 6) -> str:
-    """Alternative text for ``figure`` (what a screen reader says in the HTML reports): its titles and axis labels.
+    """Alternative text for ``figure`` (what a screen reader says in the HTML reports): its titles, labels, legends.
 
-    The figure's title, then each titled or labelled panel ("title (x: label,
-    y: label)"), the first ``max_panels`` of them and how many more; image
-    grids whose panels carry no text are counted.
+    The figure's title, then each panel that has text ("title (x: label, y:
+    label; legend: entries)"; a run of identical panels, as in an image
+    gallery, is said once with its count), the first ``max_panels`` of them
+    and how many more; then how many panels show images, and banner texts.
     """
-    parts = []
     title = figure.get_suptitle()
-    panels = []
+    panels: list[list] = []  # [text, count]
     for axis in figure.axes:
-        labels = [f"{name}: {text}" for name, text in (("x", axis.get_xlabel()), ("y", axis.get_ylabel())) if text]
-        text = axis.get_title() + (f" ({', '.join(labels)})" if labels else "")
-        if text:
-            panels.append(text.strip())
-    parts.append(f"Figure: {title}." if title else "Figure.")
+        details = [f"{name}: {text}" for name, text in (("x", axis.get_xlabel()), ("y", axis.get_ylabel())) if text]
+        legend = axis.get_legend()
+        if legend is not None and legend.get_texts():
+            details.append("legend: " + ", ".join(text.get_text() for text in legend.get_texts()))
+        text = (axis.get_title() + (f" ({'; '.join(details)})" if details else "")).strip()
+        if text and panels and panels[-1][0] == text:
+            panels[-1][1] += 1
+        elif text:
+            panels.append([text, 1])
+    parts = [f"Figure: {title}." if title else "Figure."]
     if panels:
+        said = [text if count == 1 else f"{text} (x{count})" for text, count in panels[:max_panels]]
         more = len(panels) - max_panels
-        parts.append("Panels: " + "; ".join(panels[:max_panels]) + (f"; and {more} more." if more > 0 else "."))
+        parts.append("Panels: " + "; ".join(said) + (f"; and {more} more." if more > 0 else "."))
     images = sum(bool(axis.get_images()) for axis in figure.axes)
     if images:
         parts.append(f"{images} image panel(s).")

@@ -77,14 +77,17 @@ def test_figures_describe_themselves_for_alternative_text():
     left.set_title("ROC")
     left.set_xlabel("false positive rate")
     left.set_ylabel("recall")
+    left.plot([0, 1], [0, 1], label="AUC 0.98")
+    left.legend()
     right.imshow(np.zeros((4, 4)))
     figure.text(0.9, 0.0, "SYNTHETIC DATA")
-    assert plots.describe_figure(figure) == ("Figure: Curves. Panels: ROC (x: false positive rate, y: recall). "
-                                             "1 image panel(s). SYNTHETIC DATA")
+    assert plots.describe_figure(figure) == ("Figure: Curves. Panels: ROC (x: false positive rate; y: recall; "
+                                             "legend: AUC 0.98). 1 image panel(s). SYNTHETIC DATA")
     many, axes = plt.subplots(1, 8)
     for index, axis in enumerate(axes):
-        axis.set_title(f"image {index}")
-    assert plots.describe_figure(many, max_panels=2) == "Figure. Panels: image 0; image 1; and 6 more."
+        axis.set_title(f"image {index}" if index < 4 else "missed")  # a gallery: four titled, four alike
+    assert plots.describe_figure(many, max_panels=2) == "Figure. Panels: image 0; image 1; and 3 more."
+    assert plots.describe_figure(many, max_panels=5).endswith("image 3; missed (x4).")
     plt.close("all")
 
 
