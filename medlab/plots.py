@@ -91,7 +91,10 @@ def _wrap_png_printer(formatter) -> bool:
 
     def png_with_alt_text(figure):
         data = printer(figure)
-        return (data, {"alt": describe_figure(figure)}) if data else data
+        if not data:
+            return data
+        data, metadata = data if isinstance(data, tuple) else (data, {})  # "retina" PNGs come with their size
+        return data, {**metadata, "alt": describe_figure(figure)}
 
     png_with_alt_text.medlab_alt_text = True
     formatter.for_type(Figure, png_with_alt_text)

@@ -95,7 +95,7 @@ def test_a_kernels_png_output_of_a_figure_carries_its_alternative_text():
     """What show_alt_text does in a Jupyter kernel, on IPython's own formatters (outside a kernel it does nothing)."""
     import matplotlib.pyplot as plt
     from IPython.core.formatters import DisplayFormatter
-    from IPython.core.pylabtools import print_figure
+    from IPython.core.pylabtools import print_figure, retina_figure
     from matplotlib.figure import Figure
 
     assert plots.show_alt_text() is False  # no IPython shell here
@@ -109,4 +109,8 @@ def test_a_kernels_png_output_of_a_figure_carries_its_alternative_text():
     data, metadata = formatter.format(figure, include={"image/png"})
     assert data["image/png"][:4] == b"\x89PNG"
     assert metadata["image/png"]["alt"] == "Figure. Panels: Images per class."
+    png.for_type(Figure, lambda figure: retina_figure(figure))  # "retina": PNG and its size
+    assert plots._wrap_png_printer(png)
+    data, metadata = formatter.format(figure, include={"image/png"})
+    assert metadata["image/png"]["alt"] == "Figure. Panels: Images per class." and "width" in metadata["image/png"]
     plt.close("all")
