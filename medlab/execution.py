@@ -128,11 +128,11 @@ def _images_with_alt_text(notebook) -> None:
 
     for cell in notebook.cells:
         for output in cell.get("outputs", []):
-            data = output.get("data", {})
-            alt = output.get("metadata", {}).get("image/png", {}).get("alt")
-            if alt and "image/png" in data and "text/html" not in data:
-                data["text/html"] = (f'<img src="data:image/png;base64,{data["image/png"].strip()}" '
-                                     f'alt="{html.escape(alt)}">')
+            data, metadata = output.get("data", {}), output.get("metadata", {}).get("image/png", {})
+            if metadata.get("alt") and "image/png" in data and "text/html" not in data:
+                size = "".join(f' {key}="{int(metadata[key])}"' for key in ("width", "height") if key in metadata)
+                data["text/html"] = (f'<img src="data:image/png;base64,{data["image/png"].strip()}"{size} '
+                                     f'alt="{html.escape(metadata["alt"])}">')
 
 
 def execute(task: Task, progress: bool | dict = True, log_output: bool = True) -> float:

@@ -85,7 +85,7 @@ def show_alt_text() -> bool:
 def _wrap_png_printer(formatter) -> bool:
     from matplotlib.figure import Figure
 
-    printer = formatter.lookup_by_type(Figure) if Figure in formatter.type_printers else None
+    printer = formatter.type_printers.get(Figure)  # where the inline backend registers its printer
     if printer is None or getattr(printer, "medlab_alt_text", False):
         return printer is not None
 
@@ -492,7 +492,7 @@ def plot_tflite_comparison(table: pd.DataFrame):
 
 
 __all__ = [
-    "SPLITS", "save_figure", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
+    "SPLITS", "save_figure", "describe_figure", "show_alt_text", "synthetic_banner", "plot_class_counts", "plot_sample_grid",
     "plot_intensity_histograms", "plot_mean_images", "plot_augmentation_grid", "plot_image_batch",
     "plot_history", "plot_source_sizes", "plot_near_duplicate_pairs", "plot_confusion_matrices", "plot_curves",
     "plot_reliability",

@@ -155,7 +155,7 @@ def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
 
     cell = new_code_cell("plt.show()", outputs=[
         new_output("display_data", data={"image/png": "iVBORw0KGgo=\n"},
-                   metadata={"image/png": {"alt": 'Figure: ROC "curves" <both>.'}}),
+                   metadata={"image/png": {"alt": 'Figure: ROC "curves" <both>.', "width": 320}}),
         new_output("display_data", data={"image/png": "iVBORw0KGgp=\n"})])
     path = tmp_path / "figures.ipynb"
     nbformat.write(new_notebook(cells=[cell]), path)
@@ -165,4 +165,5 @@ def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
     assert [(image["src"].strip(), image["alt"]) for image in images] == [
         ("data:image/png;base64,iVBORw0KGgo=", 'Figure: ROC "curves" <both>.'),
         ("data:image/png;base64,iVBORw0KGgp=", "No description has been provided for this image")]
+    assert images[0]["width"] == "320"  # a retina PNG's display size kept
     assert "text/html" not in nbformat.read(path, as_version=4).cells[0].outputs[0].data  # the notebook is unchanged

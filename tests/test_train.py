@@ -423,4 +423,3 @@ def test_mixed_precision_is_float32_on_a_cpu_and_outputs_stay_float32():
         assert mixed(images[:2].astype("float32")).dtype == "float32"  # the softmax stays float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
-
