@@ -14,6 +14,7 @@ Files are run with LiteRT (``ai_edge_litert``), batched over whole splits.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -88,8 +89,18 @@ def convert(model: keras.Model, variant: str, representative_images: np.ndarray 
 
 
 def export_saved_model(model: keras.Model, directory: str | Path) -> Path:
-    """Write ``model`` without its augmentation layers as a TensorFlow SavedModel (what the converter reads)."""
-    strip_augmentation(model).export(str(directory), format="tf_saved_model", verbose=False)
+    """Write ``model`` without its augmentation layers as a TensorFlow SavedModel (what the converter reads).
+
+    TensorFlow logs "Assets written to: <temporary folder>" at INFO level for every export, which a notebook
+    kernel whose root logger is at INFO prints twice per variant; it is held back here (warnings still show).
+    """
+    tensorflow_logger = logging.getLogger("tensorflow")
+    level = tensorflow_logger.level
+    tensorflow_logger.setLevel(max(level, logging.WARNING))
+    try:
+        strip_augmentation(model).export(str(directory), format="tf_saved_model", verbose=False)
+    finally:
+        tensorflow_logger.setLevel(level)
     return Path(directory)
 
 
@@ -293,6 +304,51 @@ def latency_table(lite_models: dict[str, LiteModel], image: np.ndarray, repeats:
     table = pd.DataFrame(rows).T
     if "float32" in table.index:
         table["vs float32 with XNNPACK"] = table["XNNPACK (default), ms"] / table.loc["float32", "XNNPACK (default), ms"]
+    return table
+
+
+def cost_of_test_time_views(run: RunFolder, name: str, image: np.ndarray, metadata: dict,
+                             calibration_images: np.ndarray, repeats: int = 50):
+    """What model ``name``'s test-time views cost per prediction, beside what they gained on validation.
+
+    Lesson 03 replaces its model by the average over test-time views (the image, its mirror, four small
+    shifts) when that raises the validation AUC, and keeps the plain model as ``single_view.keras``
+    (:func:`medlab.train.keep_better_on_validation`). Every prediction then runs the network once per view.
+    This converts the single-view model to float32 and int8 (in a temporary folder: it has no threshold
+    frozen on validation of its own) and times both beside the run's files of the kept model, which
+    :func:`compare_variants` wrote. Returns a table with one row per model, or None when the model has no
+    single-view checkpoint (the views were not kept, or the model never had them).
+    """
+    import pandas as pd
+
+    from medlab.models import load_model
+    from medlab.runs import read_json
+
+    folder = run.model(name)
+    if not folder.single_view_checkpoint.exists():
+        return None
+    decision = read_json(folder.training, {}).get("test_time_views")
+    if not decision:
+        raise ValueError(f"{folder.training} does not record the test-time views that {folder.single_view_checkpoint} "
+                         "was kept beside; rerun lesson 03")
+    kept = {variant: run.tflite(name, variant) for variant in ("float32", "int8")}
+    missing = [str(path) for path in kept.values() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"convert the kept model first (compare_variants): missing {', '.join(missing)}")
+    single_view = load_model(folder.single_view_checkpoint)
+    rows = {f"{name} with {len(decision['views'])} views (kept)": {
+        "views": len(decision["views"]), "validation_auc": decision["val_auc_with_views"],
+        **{f"{variant}_ms": LiteModel.load(path).median_latency_ms(image, repeats) for variant, path in kept.items()}}}
+    with tempfile.TemporaryDirectory(prefix="medlab-single-view-") as directory:
+        single_metadata = {**metadata, "source_model": f"{name} (single view)", "threshold": None,
+                           "threshold_rule": None}
+        rows[f"{name}, single view"] = {
+            "views": 1, "validation_auc": decision["val_auc_single_view"],
+            **{f"{variant}_ms": export_variant(single_view, variant, Path(directory) / f"{variant}.tflite",
+                                               single_metadata, calibration_images).median_latency_ms(image, repeats)
+               for variant in kept}}
+    table = pd.DataFrame(rows).T.infer_objects()
+    table["views"] = table["views"].astype(int)
     return table
 
 

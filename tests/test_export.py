@@ -1,4 +1,5 @@
 import json
+import logging
 
 import keras
 import numpy as np
@@ -9,6 +10,8 @@ from medlab.export import (
     VARIANTS,
     LiteModel,
     convert,
+    cost_of_test_time_views,
+    export_saved_model,
     export_variant,
     model_metadata,
     parity,
@@ -48,6 +51,18 @@ def test_all_four_variants_match_keras(trained, exported):
         tolerance = {"float32": 1e-5, "float16": 5e-3, "dynamic_range": 2e-2, "int8": 0.2}[variant]
         assert result["max_abs_probability_difference"] < tolerance, variant
         assert result["decision_agreement"] >= 0.95, variant
+
+
+def test_an_export_does_not_log_its_temporary_folder(trained, tmp_path, caplog):
+    """TensorFlow's "Assets written to: /tmp/..." (INFO) is held back; the logger's own level is restored."""
+    model, _data = trained
+    tensorflow_logger = logging.getLogger("tensorflow")
+    level = tensorflow_logger.level
+    with caplog.at_level(logging.INFO):  # as in a notebook kernel whose root logger is at INFO
+        export_saved_model(model, tmp_path / "saved_model")
+    assert (tmp_path / "saved_model" / "saved_model.pb").exists()
+    assert not [record for record in caplog.records if "Assets written" in record.getMessage()]
+    assert tensorflow_logger.level == level
 
 
 def test_int8_model_is_fully_integer_with_uint8_io(exported):
@@ -171,10 +186,31 @@ def test_a_model_with_test_time_views_exports_with_builtin_ops(trained, tmp_path
     reference = predict(viewed, data.test)
     assert not np.allclose(reference, predict(model, data.test), atol=1e-4)
     metadata = model_metadata(data.info.class_names, (32, 32, 1), 0.5, "scratch_cnn", pretrained=None)
+    run = RunFolder(tmp_path / "run")
     for variant, tolerance in (("float32", 1e-5), ("int8", 0.2)):
-        lite = export_variant(viewed, variant, tmp_path / f"{variant}.tflite", metadata, data.train.images[:64])
+        lite = export_variant(viewed, variant, run.tflite("scratch_cnn", variant), metadata, data.train.images[:64])
         result = parity(reference, lite.predict(data.test.images, batch_size=50), data.test.labels, 0.5)
         assert result["max_abs_probability_difference"] < tolerance, variant
+
+    # Lesson 07's price of the views: the kept files timed beside the single-view model, converted on the side.
+    folder = run.model("scratch_cnn").create()
+    assert cost_of_test_time_views(run, "scratch_cnn", data.test.images[0], metadata, data.train.images[:64]) is None
+    model.save(folder.single_view_checkpoint)
+    with pytest.raises(ValueError, match="does not record the test-time views"):
+        cost_of_test_time_views(run, "scratch_cnn", data.test.images[0], metadata, data.train.images[:64])
+    decision = {"views": [list(view) for view in test_time_views((32, 32, 1))], "val_auc_single_view": 0.91,
+                "val_auc_with_views": 0.93, "kept": True}
+    folder.training.write_text(json.dumps({"epochs_run": 3, "test_time_views": decision}))
+    table = cost_of_test_time_views(run, "scratch_cnn", data.test.images[0], metadata, data.train.images[:64],
+                                    repeats=3)
+    assert list(table.index) == ["scratch_cnn with 6 views (kept)", "scratch_cnn, single view"]
+    assert table["views"].tolist() == [6, 1] and table["validation_auc"].tolist() == [0.93, 0.91]
+    assert (table[["float32_ms", "int8_ms"]] > 0).all().all()
+    assert sorted(path.name for path in run.tflite_dir.iterdir()) == [
+        "scratch_cnn_float32.json", "scratch_cnn_float32.tflite", "scratch_cnn_int8.json", "scratch_cnn_int8.tflite"]
+    run.tflite("scratch_cnn", "int8").unlink()
+    with pytest.raises(FileNotFoundError, match="scratch_cnn_int8.tflite"):
+        cost_of_test_time_views(run, "scratch_cnn", data.test.images[0], metadata, data.train.images[:64])
 
 
 def test_builtin_kernels_give_the_same_outputs_and_a_latency_table(trained, exported):
