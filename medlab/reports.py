@@ -306,10 +306,19 @@ def model_card(metrics: dict) -> str:
     tflite = metrics.get("records", {}).get("tflite") or {}
     if tflite:
         lines += ["", f"## TFLite exports of `{tflite['model']}` (threshold {tflite.get('threshold')})",
-                  "| variant | size (KiB) | ROC-AUC | recall | decision agreement | recall drop > 1 pt |", "|---|---|---|---|---|---|"]
+                  "| variant | size (KiB) | latency (ms) | ROC-AUC | recall | decision agreement | recall drop > 1 pt |",
+                  "|---|---|---|---|---|---|---|"]
         for name, row in tflite["variants"].items():
-            lines.append(f"| {name} | {row['size_kb']:.0f} | {row['roc_auc']:.4f} | {row.get('recall', float('nan')):.4f} "
-                         f"| {row['decision_agreement']:.4f} | {'**YES**' if row['recall_drop_flag'] else 'no'} |")
+            lines.append(f"| {name} | {row['size_kb']:.0f} | {row['latency_ms']:.2f} | {row['roc_auc']:.4f} "
+                         f"| {row.get('recall', float('nan')):.4f} | {row['decision_agreement']:.4f} "
+                         f"| {'**YES**' if row['recall_drop_flag'] else 'no'} |")
+        lines += ["", "Latency: one image, median, on the machine that made this report (lesson 07)."]
+        views = metrics["records"].get("tflite_views") or {}
+        if views:
+            lines += ["", "What the test-time views cost, against the single-view model kept beside them:"]
+        for name, row in views.items():
+            lines.append(f"- {name}: float32 {row['float32_ms']:.2f} ms, int8 {row['int8_ms']:.2f} ms, "
+                         f"validation AUC {row['validation_auc']:.4f}")
     lines += [
         "", "## Reproduce",
         f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "

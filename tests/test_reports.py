@@ -115,6 +115,16 @@ def test_model_card_and_headline_from_evaluation_record():
     assert "Synthetic data" in card and "0.970 [0.950, 0.980]" in card
     assert "pretrained: false" in card and "chance is 0.030" in card
     assert "Lesson 04 trained it" not in card  # no lesson 04 record: nothing claimed
+    assert "TFLite" not in card  # lesson 07 did not run
+    row = {"size_kb": 440.0, "latency_ms": 0.7, "roc_auc": 0.97, "recall": 0.96, "decision_agreement": 1.0,
+           "recall_drop_flag": False}
+    metrics["records"]["tflite"] = {"model": "scratch_cnn", "threshold": 0.31, "variants": {"int8": row}}
+    metrics["records"]["tflite_views"] = {
+        "scratch_cnn with 6 views (kept)": {"views": 6, "validation_auc": 0.95, "float32_ms": 5.5, "int8_ms": 0.7},
+        "scratch_cnn, single view": {"views": 1, "validation_auc": 0.9, "float32_ms": 0.9, "int8_ms": 0.12}}
+    card = reports.model_card(metrics)
+    assert "| int8 | 440 | 0.70 | 0.9700 | 0.9600 | 1.0000 | no |" in card
+    assert "- scratch_cnn, single view: float32 0.90 ms, int8 0.12 ms, validation AUC 0.9000" in card
     metrics["records"]["model_transfer"] = {"training": {"epochs_run": 5, "config": {"max_epochs": 6}}}
     assert "Lesson 04 trained it for 5 epochs (at most 6, its `scratch_epochs`)." in reports.model_card(metrics)
     metrics["records"]["model_transfer"]["training"]["config"]["learning_rate"] = 0.003
