@@ -303,22 +303,7 @@ def model_card(metrics: dict) -> str:
                       f"grown by {pointing.get('tolerance_px', 0)} px as the heatmap peak is allowed to be)."]
     else:
         lines += ["No evaluation record in this run (notebook 06 did not run)."]
-    tflite = metrics.get("records", {}).get("tflite") or {}
-    if tflite:
-        lines += ["", f"## TFLite exports of `{tflite['model']}` (threshold {tflite.get('threshold')})",
-                  "| variant | size (KiB) | latency (ms) | ROC-AUC | recall | decision agreement | recall drop > 1 pt |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, row in tflite["variants"].items():
-            lines.append(f"| {name} | {row['size_kb']:.0f} | {row['latency_ms']:.2f} | {row['roc_auc']:.4f} "
-                         f"| {row.get('recall', float('nan')):.4f} | {row['decision_agreement']:.4f} "
-                         f"| {'**YES**' if row['recall_drop_flag'] else 'no'} |")
-        lines += ["", "Latency: one image, median, on the machine that made this report (lesson 07)."]
-        views = metrics["records"].get("tflite_views") or {}
-        if views:
-            lines += ["", "What the test-time views cost, against the single-view model kept beside them:"]
-        for name, row in views.items():
-            lines.append(f"- {name}: float32 {row['float32_ms']:.2f} ms, int8 {row['int8_ms']:.2f} ms, "
-                         f"validation AUC {row['validation_auc']:.4f}")
+    lines += _tflite_lines(metrics.get("records", {}))
     lines += [
         "", "## Reproduce",
         f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "
@@ -326,6 +311,28 @@ def model_card(metrics: dict) -> str:
     ]
     lines += _precision_lines(metrics)
     return "\n".join(lines)
+
+
+def _tflite_lines(records: dict) -> list[str]:
+    """Lesson 07's exports for the model card: one row per variant, and what test-time views cost if priced."""
+    tflite = records.get("tflite") or {}
+    if not tflite:
+        return []
+    lines = ["", f"## TFLite exports of `{tflite['model']}` (threshold {tflite.get('threshold')})",
+             "| variant | size (KiB) | latency (ms) | ROC-AUC | recall | decision agreement | recall drop > 1 pt |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in tflite["variants"].items():
+        lines.append(f"| {name} | {row['size_kb']:.0f} | {row.get('latency_ms', float('nan')):.2f} "
+                     f"| {row['roc_auc']:.4f} | {row.get('recall', float('nan')):.4f} "
+                     f"| {row['decision_agreement']:.4f} | {'**YES**' if row['recall_drop_flag'] else 'no'} |")
+    lines += ["", "Latency: one image, median, on the machine that made this report (lesson 07)."]
+    views = records.get("tflite_views") or {}
+    if views:
+        lines += ["", "What the test-time views cost, against the single-view model kept beside them:"]
+    for name, row in views.items():
+        lines.append(f"- {name}: float32 {row['float32_ms']:.2f} ms, int8 {row['int8_ms']:.2f} ms, "
+                     f"validation AUC {row['validation_auc']:.4f}")
+    return lines
 
 
 def _test_time_view_lines(records: dict) -> list[str]:
