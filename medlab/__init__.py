@@ -50,6 +50,20 @@ class KerasRetracingFilter(logging.Filter):
         return not ("triggered tf.function retracing" in message and "<function TensorFlowTrainer." in message)
 
 
+class TensorFlowInfoFilter(logging.Filter):
+    """Drops the INFO lines of TensorFlow's Python logger, as ``TF_CPP_MIN_LOG_LEVEL`` above does for its C++ side.
+
+    In a Jupyter kernel TensorFlow sets its logger to INFO and prints to stdout, so every SavedModel export
+    (lessons 04, 05, 07) printed "INFO:tensorflow:Assets written to: /tmp/..." into the lesson. Warnings and
+    errors pass; ``TF_CPP_MIN_LOG_LEVEL=0`` in the environment, TensorFlow's own "show everything", keeps the INFO
+    lines too.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0"
+
+
 logging.getLogger("tensorflow").addFilter(KerasRetracingFilter())
+logging.getLogger("tensorflow").addFilter(TensorFlowInfoFilter())
 
 __version__ = "0.1.0"

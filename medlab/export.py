@@ -14,7 +14,6 @@ Files are run with LiteRT (``ai_edge_litert``), batched over whole splits.
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 import tempfile
 import time
@@ -89,18 +88,8 @@ def convert(model: keras.Model, variant: str, representative_images: np.ndarray 
 
 
 def export_saved_model(model: keras.Model, directory: str | Path) -> Path:
-    """Write ``model`` without its augmentation layers as a TensorFlow SavedModel (what the converter reads).
-
-    TensorFlow logs "Assets written to: <temporary folder>" at INFO level for every export, which a notebook
-    kernel whose root logger is at INFO prints twice per variant; it is held back here (warnings still show).
-    """
-    tensorflow_logger = logging.getLogger("tensorflow")
-    level = tensorflow_logger.level
-    tensorflow_logger.setLevel(max(level, logging.WARNING))
-    try:
-        strip_augmentation(model).export(str(directory), format="tf_saved_model", verbose=False)
-    finally:
-        tensorflow_logger.setLevel(level)
+    """Write ``model`` without its augmentation layers as a TensorFlow SavedModel (what the converter reads)."""
+    strip_augmentation(model).export(str(directory), format="tf_saved_model", verbose=False)
     return Path(directory)
 
 
@@ -316,8 +305,9 @@ def cost_of_test_time_views(run: RunFolder, name: str, image: np.ndarray, metada
     (:func:`medlab.train.keep_better_on_validation`). Every prediction then runs the network once per view.
     This converts the single-view model to float32 and int8 (in a temporary folder: it has no threshold
     frozen on validation of its own) and times both beside the run's files of the kept model, which
-    :func:`compare_variants` wrote. Returns a table with one row per model, or None when the model has no
-    single-view checkpoint (the views were not kept, or the model never had them).
+    :func:`compare_variants` wrote and timed once already: timed again here, next to the single view, so that
+    both figures come from the same moment of the machine. Returns a table with one row per model, empty when
+    the model has no single-view checkpoint (the views were not kept, or the model never had them).
     """
     import pandas as pd
 
@@ -326,7 +316,7 @@ def cost_of_test_time_views(run: RunFolder, name: str, image: np.ndarray, metada
 
     folder = run.model(name)
     if not folder.single_view_checkpoint.exists():
-        return None
+        return pd.DataFrame()
     decision = read_json(folder.training, {}).get("test_time_views")
     if not decision:
         raise ValueError(f"{folder.training} does not record the test-time views that {folder.single_view_checkpoint} "

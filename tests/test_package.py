@@ -77,6 +77,23 @@ def test_no_function_in_medlab_is_over_60_lines():
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
 
 
+def test_tensorflow_info_lines_are_dropped_unless_asked_for(monkeypatch):
+    """TensorFlow's Python INFO lines go the way TF_CPP_MIN_LOG_LEVEL sends its C++ ones; warnings always pass."""
+    import logging
+
+    from medlab import TensorFlowInfoFilter
+
+    assert any(isinstance(f, TensorFlowInfoFilter) for f in logging.getLogger("tensorflow").filters)
+
+    def passes(level):
+        return TensorFlowInfoFilter().filter(logging.LogRecord("tensorflow", level, __file__, 1, "x", None, None))
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    assert not passes(logging.INFO) and passes(logging.WARNING) and passes(logging.ERROR)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    assert passes(logging.INFO)
+
+
 def test_keras_retracing_warnings_are_dropped_and_a_readers_own_are_kept():
     """Several models trained in one process: no 'please define your @tf.function outside of the loop' about Keras."""
     import logging
