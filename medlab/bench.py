@@ -373,10 +373,10 @@ def _rows(models: dict, columns: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def write_results(result: dict, folder: Path, name: str = "bench") -> tuple[Path, Path]:
-    """``<name>.json`` and ``<name>.md`` in ``folder``: a bench result, or with ``name="compare"`` a comparison."""
+def write_results(result: dict, folder: Path, name: str = "bench", table=markdown_table) -> tuple[Path, Path]:
+    """``<name>.json`` and ``<name>.md`` (``table(result)``) in ``folder``; e.g. ``"compare", comparison_table``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = folder / f"{name}.json", folder / f"{name}.md"
     json_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    markdown_path.write_text((comparison_table(result) if name == "compare" else markdown_table(result)) + "\n")
+    markdown_path.write_text(table(result) + "\n")
     return json_path, markdown_path

@@ -243,7 +243,8 @@ def _bench(arguments) -> int:
                              "(finished bench runs: the new ones, then the baseline's)")
         comparison = bench.compare_benchmarks(bench.merge_benchmark(arguments.runs),
                                               bench.merge_benchmark(arguments.against))
-        json_path, markdown_path = bench.write_results(comparison, config.reports_dir() / "bench", name="compare")
+        json_path, markdown_path = bench.write_results(comparison, config.reports_dir() / "bench", "compare",
+                                                         bench.comparison_table)
         print(json.dumps(comparison, indent=2) if arguments.json else bench.comparison_table(comparison))
         print(f"\nwritten: {json_path}, {markdown_path}")
         return 0
