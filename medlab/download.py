@@ -145,7 +145,8 @@ def fetch(url: str, destination: Path, md5: str | None, timeout: float = 30.0,
                 total = int(response.headers.get("Content-Length") or 0) or None
                 bar = None
                 if progress:
-                    from tqdm.auto import tqdm
+                    # text bars (tqdm.auto warns "IProgress not found" in Jupyter without ipywidgets)
+                    from tqdm import tqdm
 
                     bar = tqdm(total=total, unit="B", unit_scale=True, desc=destination.name)
                 for chunk in iter(lambda: response.read(1 << 16), b""):

@@ -104,13 +104,20 @@ def execution_order(stems: list[str]) -> list[str]:
 
 
 def render_html(notebook_path: Path) -> Path:
-    """Render an executed notebook to a standalone HTML file beside it."""
+    """Render an executed notebook to a standalone HTML file beside it.
+
+    Consecutive text outputs are merged and a progress bar's carriage returns applied (nbconvert's
+    ``CoalesceStreamsPreprocessor``, off by default): a bar redrawn 13 times was 13 lines of the page, now it is
+    its last state. The executed notebook keeps every output (JupyterLab draws the bar in place).
+    """
     import nbformat
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
 
     notebook = nbformat.read(notebook_path, as_version=4)
     _images_with_alt_text(notebook)
-    body, _resources = HTMLExporter().from_notebook_node(notebook)
+    exporter = HTMLExporter(config=Config({"CoalesceStreamsPreprocessor": {"enabled": True}}))
+    body, _resources = exporter.from_notebook_node(notebook)
     html_path = notebook_path.with_suffix(".html")
     html_path.write_text(body, encoding="utf-8")
     return html_path

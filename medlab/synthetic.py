@@ -257,7 +257,8 @@ def generate_split(cfg: SyntheticConfig, split: str, progress: bool = False):
     masks = np.empty((len(labels), cfg.image_size, cfg.image_size), dtype=bool)
     indices = range(len(labels))
     if progress:
-        from tqdm.auto import tqdm
+        # text bars (tqdm.auto warns "IProgress not found" in Jupyter without ipywidgets)
+        from tqdm import tqdm
 
         indices = tqdm(indices, desc=f"synthetic {split}", unit="img", leave=False)
     for index in indices:

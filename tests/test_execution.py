@@ -167,3 +167,18 @@ def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
         ("data:image/png;base64,iVBORw0KGgp=", "No description has been provided for this image")]
     assert images[0]["width"] == "320"  # a retina PNG's display size kept
     assert "text/html" not in nbformat.read(path, as_version=4).cells[0].outputs[0].data  # the notebook is unchanged
+
+
+def test_the_html_page_shows_a_progress_bar_once_in_its_last_state(tmp_path):
+    """A text progress bar arrives as many stream outputs joined by carriage returns; the page shows its end."""
+    from nbformat.v4 import new_output
+
+    bar = ["\rimages:   0%| | 0/90", "\rimages:  50%|5| 45/90", "\rimages: 100%|#| 90/90\n"]
+    cell = new_code_cell("load()", outputs=[new_output("stream", name="stderr", text=text) for text in bar]
+                         + [new_output("stream", name="stdout", text="loaded 90 images\n")])
+    path = tmp_path / "bar.ipynb"
+    nbformat.write(new_notebook(cells=[cell]), path)
+    page = execution.render_html(path).read_text()
+    assert "90/90" in page and "loaded 90 images" in page
+    assert "45/90" not in page and "0/90" not in page.replace("90/90", "")
+    assert len(nbformat.read(path, as_version=4).cells[0].outputs) == 4  # the notebook is unchanged

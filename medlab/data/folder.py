@@ -255,7 +255,8 @@ def decode_files(paths: list[Path], use_pillow: list[bool], image_size: int, cha
     decoded = np.zeros(len(paths), dtype=bool)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        # text bars (tqdm.auto warns "IProgress not found" in Jupyter without ipywidgets)
+        from tqdm import tqdm
 
         bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False)
     for batch_images, batch_index in dataset.as_numpy_iterator():
