@@ -13,8 +13,12 @@ Files are run with LiteRT (``ai_edge_litert``), batched over whole splits.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +31,37 @@ from medlab import config
 from medlab.runs import RunFolder
 
 VARIANTS = ("float32", "float16", "dynamic_range", "int8")
+
+# Status lines that TensorFlow's converter and LiteRT write from C++ straight to the process's stderr, whatever
+# TF_CPP_MIN_LOG_LEVEL says: the quantiser's settings echoed on every int8 conversion, and the interpreter's note
+# that it uses XNNPACK. In a lesson they read like warnings; :func:`native_stderr_without` drops them.
+NATIVE_CHATTER = (re.compile(r"^fully_quantize: \d+, inference_type: \d+, "),
+                  re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$"))
+
+
+@contextlib.contextmanager
+def native_stderr_without(chatter: tuple[re.Pattern, ...] = NATIVE_CHATTER):
+    """Run the block with the process's stderr (file descriptor 2, where C++ writes) held back, then write back
+    every line that none of ``chatter`` matches, in order. If the block raises, every line is written back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            text = "".join(line for line in lines
+                           if failed or not any(pattern.search(line.rstrip("\n")) for pattern in chatter))
+            if text:
+                os.write(2, text.encode())
 
 
 def strip_augmentation(model: keras.Model) -> keras.Model:
@@ -112,7 +147,8 @@ def _convert_saved_model(directory: Path, variant: str, representative_images: n
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
         converter.inference_output_type = tf.uint8
-    return converter.convert()
+    with native_stderr_without():
+        return converter.convert()
 
 
 def export_variant(model: keras.Model, variant: str, path: str | Path, metadata: dict,
@@ -186,11 +222,12 @@ class LiteModel:
         # runs TFLite's built-in kernels, which is how to see what the delegate is worth. ``threads=None`` is
         # LiteRT's default: one thread.
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        interpreter = Interpreter(model_path=str(self.path), experimental_op_resolver_type=resolver,
-                                  num_threads=threads)
-        input_index = interpreter.get_input_details()[0]["index"]
-        interpreter.resize_tensor_input(input_index, [batch, *self.input_shape])
-        interpreter.allocate_tensors()
+        with native_stderr_without():
+            interpreter = Interpreter(model_path=str(self.path), experimental_op_resolver_type=resolver,
+                                      num_threads=threads)
+            input_index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(input_index, [batch, *self.input_shape])
+            interpreter.allocate_tensors()
         return interpreter
 
     @property

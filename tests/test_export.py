@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 
 import keras
 import numpy as np
@@ -14,6 +15,7 @@ from medlab.export import (
     export_saved_model,
     export_variant,
     model_metadata,
+    native_stderr_without,
     parity,
     strip_augmentation,
 )
@@ -61,6 +63,22 @@ def test_an_export_does_not_log_its_temporary_folder(trained, tmp_path, caplog, 
         export_saved_model(model, tmp_path / "saved_model")
     assert (tmp_path / "saved_model" / "saved_model.pb").exists()
     assert not [record for record in caplog.records if "Assets written" in record.getMessage()]
+
+
+def test_the_converters_status_line_is_dropped_and_other_native_output_kept(trained, capfd):
+    """The int8 converter echoes its settings from C++ on stderr ("fully_quantize: 0, ..."): medlab drops that
+    line; any other line written there meanwhile is kept, and when the block fails, every line is."""
+    model, data = trained
+    convert(model, "int8", data.train.images[:8])
+    assert "fully_quantize" not in capfd.readouterr().err
+    status = b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: UINT8\n"
+    with native_stderr_without():
+        os.write(2, b"W0000 a warning worth reading\n" + status + b"and its second line\n")
+    assert capfd.readouterr().err == "W0000 a warning worth reading\nand its second line\n"
+    with pytest.raises(RuntimeError, match="planted"), native_stderr_without():
+        os.write(2, status)
+        raise RuntimeError("planted conversion failure")
+    assert capfd.readouterr().err == status.decode()
 
 
 def test_int8_model_is_fully_integer_with_uint8_io(exported):
