@@ -67,13 +67,15 @@ def test_an_export_does_not_log_its_temporary_folder(trained, tmp_path, caplog, 
 
 def test_the_converters_status_line_is_dropped_and_other_native_output_kept(trained, capfd):
     """The int8 converter echoes its settings from C++ on stderr ("fully_quantize: 0, ..."): medlab drops that
-    line; any other line written there meanwhile is kept, and when the block fails, every line is."""
+    line (and LiteRT's XNNPACK note); any other line written there meanwhile is kept, and when the block fails,
+    every line is."""
     model, data = trained
     convert(model, "int8", data.train.images[:8])
     assert "fully_quantize" not in capfd.readouterr().err
     status = b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: UINT8\n"
+    xnnpack = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"  # LiteRT, once per process
     with native_stderr_without():
-        os.write(2, b"W0000 a warning worth reading\n" + status + b"and its second line\n")
+        os.write(2, b"W0000 a warning worth reading\n" + status + xnnpack + b"and its second line\n")
     assert capfd.readouterr().err == "W0000 a warning worth reading\nand its second line\n"
     with pytest.raises(RuntimeError, match="planted"), native_stderr_without():
         os.write(2, status)
