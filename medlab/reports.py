@@ -318,7 +318,9 @@ def _tflite_lines(records: dict) -> list[str]:
     tflite = records.get("tflite") or {}
     if not tflite:
         return []
-    lines = ["", f"## TFLite exports of `{tflite['model']}` (threshold {tflite.get('threshold')})",
+    threshold = tflite.get("threshold")
+    decisions = "argmax decisions" if threshold is None else f"decision threshold {threshold:.4g}, frozen on validation"
+    lines = ["", f"## TFLite exports of `{tflite['model']}` ({decisions})",
              "| variant | size (KiB) | latency (ms) | ROC-AUC | recall | decision agreement | recall drop > 1 pt |",
              "|---|---|---|---|---|---|---|"]
     for name, row in tflite["variants"].items():

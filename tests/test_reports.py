@@ -124,6 +124,9 @@ def test_model_card_and_headline_from_evaluation_record():
         "scratch_cnn, single view": {"views": 1, "validation_auc": 0.9, "float32_ms": 0.9, "int8_ms": 0.12}}
     card = reports.model_card(metrics)
     assert "| int8 | 440 | 0.70 | 0.9700 | 0.9600 | 1.0000 | no |" in card
+    assert "## TFLite exports of `scratch_cnn` (decision threshold 0.31, frozen on validation)" in card
+    metrics["records"]["tflite"]["threshold"] = None  # a multi-class model: argmax, no threshold
+    assert "## TFLite exports of `scratch_cnn` (argmax decisions)" in reports.model_card(metrics)
     assert "- scratch_cnn, single view: float32 0.90 ms, int8 0.12 ms, validation AUC 0.9000" in card
     metrics["records"]["model_transfer"] = {"training": {"epochs_run": 5, "config": {"max_epochs": 6}}}
     assert "Lesson 04 trained it for 5 epochs (at most 6, its `scratch_epochs`)." in reports.model_card(metrics)
