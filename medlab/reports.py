@@ -306,11 +306,26 @@ def model_card(metrics: dict) -> str:
     lines += _tflite_lines(metrics.get("records", {}))
     lines += [
         "", "## Reproduce",
-        f"`make reports DATASET={metrics['dataset_spec']}` at commit `{metrics['git_commit']}` "
-        f"(seeded; versions in metrics.json).", "",
+        f"`{reproduce_command(metrics)}` at commit `{metrics['git_commit']}` (seeded; versions in metrics.json).", "",
     ]
     lines += _precision_lines(metrics)
     return "\n".join(lines)
+
+
+def reproduce_command(metrics: dict) -> str:
+    """The ``make reports`` line that makes this report again: its data set and every parameter the run was given
+    (a bench run's seed, for example), which the notebooks' defaults would otherwise replace."""
+    given: dict = {}
+    for parameters in metrics.get("parameters", {}).values():
+        given.update({name: value for name, value in parameters.items() if name not in ("dataset", "run_dir")})
+    command = f"make reports DATASET={metrics['dataset_spec']}"
+    if given.pop("skip_bad_files", False):
+        command += " SKIP_BAD_FILES=1"
+    if tracking := given.pop("tracking", ""):
+        command += f" TRACKING={tracking}"
+    spelled = [f"-p {name}={value}" if isinstance(value, str) and value.replace("_", "").isalnum() else
+               f"-p {name}={json.dumps(value, separators=(',', ':'))}" for name, value in sorted(given.items())]
+    return command + (f" PARAMS='{' '.join(spelled)}'" if spelled else "")
 
 
 def _tflite_lines(records: dict) -> list[str]:

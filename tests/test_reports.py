@@ -145,6 +145,18 @@ def test_model_card_and_headline_from_evaluation_record():
         reports.model_card(metrics)
 
 
+def test_the_reproduce_line_gives_the_parameters_the_run_was_given():
+    metrics = {"dataset_spec": "../shared/data/brain_tumor_mri",
+               "parameters": {"01_eda": {"dataset": "x", "seed": 0, "skip_bad_files": True},
+                              "03_scratch_cnn": {"dataset": "x", "seed": 0, "skip_bad_files": True,
+                                                 "image_size": 32, "filters": [8, 16], "schedule": "plateau"}}}
+    assert reports.reproduce_command(metrics) == (
+        "make reports DATASET=../shared/data/brain_tumor_mri SKIP_BAD_FILES=1 "
+        "PARAMS='-p filters=[8,16] -p image_size=32 -p schedule=plateau -p seed=0'")
+    assert reports.reproduce_command({"dataset_spec": "synthetic", "parameters": {"01_eda": {"dataset": "synthetic"}}}) \
+        == "make reports DATASET=synthetic"
+
+
 def test_a_corrupt_image_stops_the_real_lesson_clearly_and_the_switch_lists_it(tmp_path, monkeypatch):
     """Lesson 01 on a 4-class folder with one corrupt file: a clear failure naming it, then a run without it.
 
