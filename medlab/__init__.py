@@ -5,7 +5,7 @@ pipeline stage:
 
 - :mod:`medlab.config`     paths and defaults, derived in one place
 - :mod:`medlab.synthetic`  the offline default: chest-radiograph-like phantoms
-- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator and class-per-folder trees
+- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator, class-per-folder trees and DICOM files
                            (one module per source, a registry, validation carving, ``tf.data`` input)
 - :mod:`medlab.download`   fetching official MedMNIST files (MD5-checked)
 - :mod:`medlab.audit`      duplicate detection within and across splits
@@ -18,7 +18,13 @@ pipeline stage:
 - :mod:`medlab.predict`    using a run's model on new images (``medlab predict``)
 - :mod:`medlab.serve`      the web app (``medlab serve``)
 - :mod:`medlab.plots`      figures for EDA and reports
-- :mod:`medlab.reports`    running the notebooks into ``reports/``
+- :mod:`medlab.reports`    running the notebooks into ``reports/`` (:mod:`medlab.execution` executes them,
+                           :mod:`medlab.html` renders the index page)
+- :mod:`medlab.runs`       the layout of a run folder, every file name spelled once
+- :mod:`medlab.speed`, :mod:`medlab.bench`  ``make bench``: training speed against the CPU, results over seeds
+- :mod:`medlab.distributed`, :mod:`medlab.tracking`  multi-worker training, MLflow tracking (both optional)
+- :mod:`medlab.cli`, :mod:`medlab.smoke`, :mod:`medlab.npzio`  the ``medlab`` command, the notebooks' smoke run,
+                           reproducible ``.npz`` files
 """
 
 import logging
