@@ -5,7 +5,7 @@ pipeline stage:
 
 - :mod:`medlab.config`     paths and defaults, derived in one place
 - :mod:`medlab.synthetic`  the offline default: chest-radiograph-like phantoms
-- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator, class-per-folder trees and DICOM files
+- :mod:`medlab.data`       datasets from MedMNIST ``.npz``, the generator and class-per-folder trees (JPEG, PNG, DICOM)
                            (one module per source, a registry, validation carving, ``tf.data`` input)
 - :mod:`medlab.download`   fetching official MedMNIST files (MD5-checked)
 - :mod:`medlab.audit`      duplicate detection within and across splits
