@@ -20,6 +20,7 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,17 @@ NATIVE_CHATTER = (re.compile(r"^fully_quantize: \d+, inference_type: \d+, "),
                   re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$"))
 
 
+_NATIVE_STDERR_LOCK = threading.RLock()  # file descriptor 2 is the process's: one holder at a time
+
+
 @contextlib.contextmanager
 def native_stderr_without(chatter: tuple[re.Pattern, ...] = NATIVE_CHATTER):
     """Run the block with the process's stderr (file descriptor 2, where C++ writes) held back, then write back
-    every line that none of ``chatter`` matches, in order. If the block raises, every line is written back."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
+    every line that none of ``chatter`` matches, in order. If the block raises, every line is written back.
+    Threads take turns (two at once would each restore the other's temporary file as stderr)."""
+    with _NATIVE_STDERR_LOCK, tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(held.fileno(), 2)
         failed = False
         try:

@@ -83,6 +83,31 @@ def test_the_converters_status_line_is_dropped_and_other_native_output_kept(trai
     assert capfd.readouterr().err == status.decode()
 
 
+def test_threads_holding_back_native_stderr_take_turns(capfd):
+    """Two threads at once must not leave stderr pointing at one of their temporary files."""
+    import threading
+    import time
+
+    before = os.fstat(2).st_ino
+    barrier = threading.Barrier(2)
+
+    def hold(index):
+        barrier.wait()
+        for _ in range(20):
+            with native_stderr_without():
+                os.write(2, f"thread {index}\n".encode())
+                time.sleep(0.002)  # let the other thread in, if nothing stops it
+
+    threads = [threading.Thread(target=hold, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert os.fstat(2).st_ino == before
+    err = capfd.readouterr().err
+    assert err.count("thread 0\n") == 20 and err.count("thread 1\n") == 20
+
+
 def test_int8_model_is_fully_integer_with_uint8_io(exported):
     details = exported["int8"].io_details()
     assert details["input"]["dtype"] == "uint8" and details["output"]["dtype"] == "uint8"
