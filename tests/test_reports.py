@@ -155,6 +155,17 @@ def test_the_reproduce_line_gives_the_parameters_the_run_was_given():
         "PARAMS='-p filters=[8,16] -p image_size=32 -p schedule=plateau -p seed=0'")
     assert reports.reproduce_command({"dataset_spec": "synthetic", "parameters": {"01_eda": {"dataset": "synthetic"}}}) \
         == "make reports DATASET=synthetic"
+    # Every spelling reads back as the value it was: what `make reports PARAMS=...` hands to `medlab reports -p`.
+    import shlex
+
+    from medlab.cli import _parse_parameter
+
+    given = {"seed": 0, "filters": [8, 16], "schedule": "plateau", "dataset_variant": "synthetic-4class",
+             "learning_rate": 0.003, "augment": False, "folder": "/data/my scans"}
+    command = reports.reproduce_command({"dataset_spec": "x", "parameters": {"03": given}})
+    params = shlex.split(command.split("PARAMS=", 1)[1])[0]  # make passes the value to the shell unquoted
+    words = shlex.split(params)
+    assert dict(_parse_parameter(word) for word in words[1::2]) == given and set(words[::2]) == {"-p"}
 
 
 def test_a_corrupt_image_stops_the_real_lesson_clearly_and_the_switch_lists_it(tmp_path, monkeypatch):
