@@ -1,17 +1,22 @@
-"""Byte-reproducible, atomic ``.npz`` writing and file fingerprints.
+"""Byte-reproducible, atomic ``.npz`` and text writing, and file fingerprints.
 
 ``numpy.savez`` stamps the current time into its zip entries, so the same
 arrays give different bytes on every save. Here every entry gets a fixed
 timestamp, so the same arrays always give the same file (and sha256). Files
 are written to a temporary name in the same folder and renamed into place:
 an interrupted write leaves no half-written file that a later run could trust.
+The temporary name is unique to the writing process and thread, so two
+writers of the same file (two lessons generating the same dataset at once)
+never rename each other's temporary file away.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import threading
 import zipfile
 from pathlib import Path
 
@@ -20,11 +25,30 @@ import numpy as np
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 
+def _temporary_name(path: Path) -> Path:
+    """A name beside ``path`` that no other process or thread writes to."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_name(path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> Path:
     """Write ``arrays`` to ``path`` as a deterministic ``.npz``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = _temporary_name(path)
     compression = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     try:
         with zipfile.ZipFile(temporary, "w", compression=compression) as archive:
@@ -39,6 +63,35 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
         if temporary.exists():
             temporary.unlink()
     return path
+
+
+@contextlib.contextmanager
+def one_writer(path: Path, progress: bool = True):
+    """Hold an exclusive lock for building ``path`` (a file lock beside it, ``.<name>.lock``).
+
+    Two lessons started together on the same data (``make reports`` runs 03 and 04 side by side) would
+    otherwise both generate or decode it; inside this block, check for a finished file first: the second
+    one finds what the first wrote. Without POSIX locks (Windows) the block only runs: both build, and
+    the unique temporary names still keep every write whole.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"[medlab] waiting for another process to finish {path.name}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def file_sha256(path: Path) -> str:

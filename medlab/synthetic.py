@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from medlab import config
-from medlab.npzio import file_sha256, write_npz_atomic
+from medlab.npzio import file_sha256, one_writer, write_npz_atomic, write_text_atomic
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -288,20 +288,31 @@ def ensure_synthetic(cfg: SyntheticConfig | None = None, directory: Path | None 
 
     The ``.npz`` and its manifest are written atomically, and the manifest
     records the file's sha256: a cache whose bytes do not match its manifest
-    (an interrupted or tampered write) is regenerated, never trusted.
+    (an interrupted or tampered write) is regenerated, never trusted. Two
+    processes asking at once generate it once: the other waits for it.
     """
     cfg = cfg or SyntheticConfig()
     directory = Path(directory or config.synthetic_dir())
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{cfg.name}.npz"
+    with one_writer(path, progress):  # a second lesson started at the same time waits, then finds the file
+        if not _cached(path):
+            _write(cfg, path, progress)
+    return path
+
+
+def _cached(path: Path) -> bool:
+    """Whether ``path`` and its manifest exist and the file's bytes match the manifest's sha256."""
     manifest_path = path.with_suffix(".json")
-    if path.exists() and manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("sha256") == file_sha256(path):
-                return path
-        except (OSError, ValueError):
-            pass  # unreadable manifest: regenerate below
+    if not (path.exists() and manifest_path.exists()):
+        return False
+    try:
+        return json.loads(manifest_path.read_text()).get("sha256") == file_sha256(path)
+    except (OSError, ValueError):
+        return False  # unreadable manifest: regenerate
+
+
+def _write(cfg: SyntheticConfig, path: Path, progress: bool) -> None:
     arrays = generate(cfg, progress=progress)
     write_npz_atomic(path, arrays)
     counts = {
@@ -318,10 +329,7 @@ def ensure_synthetic(cfg: SyntheticConfig | None = None, directory: Path | None 
         "licence": LICENCE,
         "sha256": file_sha256(path),
     }
-    temporary = manifest_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    temporary.replace(manifest_path)
-    return path
+    write_text_atomic(path.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n")
 
 
 def load_manifest(path: Path) -> dict | None:

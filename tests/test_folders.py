@@ -1,6 +1,8 @@
 """Folder datasets in the Kaggle layouts, and every kind of bad input they come with."""
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -203,6 +205,28 @@ def test_folder_cache_is_used_and_rebuilt_when_files_change(tmp_path, monkeypatc
     changed = load_dataset(root, image_size=16, progress=False)
     assert calls == [1] and len(changed.test) == 9
     assert changed.info.fingerprint != first.info.fingerprint
+
+
+def test_two_lessons_loading_one_tree_at_once_decode_it_once(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "d", {"train": 0, "test": 0}, CHEST, per_class=4)
+    calls = []
+    original = folders.decode_files
+
+    def slow_decode(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)  # the other thread is waiting on the lock by now
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(folders, "decode_files", slow_decode)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(load_dataset(root, image_size=16, progress=False)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [1] and len(results) == 2
+    np.testing.assert_array_equal(results[0].train.images, results[1].train.images)
 
 
 def test_half_written_cache_is_not_trusted(tmp_path):

@@ -1,8 +1,11 @@
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from medlab import synthetic
 from medlab.npzio import file_sha256
 from medlab.synthetic import (
     SyntheticConfig,
@@ -32,6 +35,35 @@ def test_cached_file_is_byte_identical_across_folders(tmp_path):
     manifest = load_manifest(one)
     assert manifest["synthetic"] is True and manifest["sha256"] == file_sha256(one)
     assert manifest["class_counts"]["train"] == [16, 24]  # 40% normal / 60% pneumonia
+
+
+def test_two_processes_asking_at_once_generate_once(tmp_path, monkeypatch):
+    # make reports starts lessons 03 and 04 together on a fresh clone: both ask for the dataset at once.
+    calls = []
+
+    def slow_generate(cfg, progress=False):
+        calls.append(cfg.name)
+        time.sleep(0.3)  # both are inside ensure_synthetic before either has written
+        return generate(cfg, progress)
+
+    monkeypatch.setattr(synthetic, "generate", slow_generate)
+    cfg = SyntheticConfig(**SMALL)
+    paths, errors = [], []
+
+    def ask():
+        try:
+            paths.append(ensure_synthetic(cfg, tmp_path, progress=False))
+        except Exception as error:  # noqa: BLE001 - collected for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(calls) == 1
+    assert paths[0] == paths[1]
+    assert json.loads(paths[0].with_suffix(".json").read_text())["sha256"] == file_sha256(paths[0])
 
 
 def test_exact_class_counts_and_masks_only_for_lesions():

@@ -27,7 +27,7 @@ from medlab import config
 from medlab.data import dicom
 from medlab.data.splitting import carve_validation
 from medlab.data.types import SPLITS, DataError, Dataset, DatasetInfo, Split
-from medlab.npzio import file_sha256, write_npz_atomic
+from medlab.npzio import file_sha256, one_writer, write_npz_atomic
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -326,11 +326,19 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, seed: 
     image_size = image_size or config.default_folder_image_size(sum(len(e) for e in scan.files.values()))
     key = _folder_cache_key(scan, image_size, channels, seed, validation_fraction)
     cache_path = config.cache_dir() / f"{scan.root.name}-{key}.npz"
-    if cache_path.exists():
-        try:
-            return _dataset_from_folder_cache(cache_path, scan, on_error)
-        except (DataError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
-            pass  # unreadable, half-written or inconsistent cache: rebuild it below
+    with one_writer(cache_path, progress):  # lessons started together decode the tree once; the others wait
+        if cache_path.exists():
+            try:
+                return _dataset_from_folder_cache(cache_path, scan, on_error)
+            except (DataError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
+                pass  # unreadable, half-written or inconsistent cache: rebuild it below
+        _write_folder_cache(scan, cache_path, image_size, channels, seed, validation_fraction, on_error, progress)
+    return _dataset_from_folder_cache(cache_path, scan, on_error)
+
+
+def _write_folder_cache(scan: _FolderScan, cache_path: Path, image_size: int, channels: int | None, seed: int,
+                        validation_fraction: float, on_error: str, progress: bool) -> None:
+    """Read headers, decode, check, and write the tree's arrays and description to ``cache_path``."""
     # Headers first: they catch zero-byte and unreadable files early and give modes and sizes.
     headers = {path: read_header(path) for entries in scan.files.values() for path, _label in entries}
     bad = {path: result for path, result in headers.items() if isinstance(result, str)}
@@ -362,7 +370,6 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, seed: 
     }
     arrays["meta"] = np.array(json.dumps(meta))
     write_npz_atomic(cache_path, arrays, compress=False)
-    return _dataset_from_folder_cache(cache_path, scan, on_error)
 
 
 def _refuse_bad_files(root: Path, bad: dict[Path, str]) -> None:
