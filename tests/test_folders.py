@@ -1,6 +1,8 @@
 """Folder datasets in the Kaggle layouts, and every kind of bad input they come with."""
 
 import io
+import subprocess
+import sys
 import threading
 import time
 
@@ -227,6 +229,32 @@ def test_two_lessons_loading_one_tree_at_once_decode_it_once(tmp_path, monkeypat
         thread.join()
     assert calls == [1] and len(results) == 2
     np.testing.assert_array_equal(results[0].train.images, results[1].train.images)
+
+
+DECODE_UNDER_DETERMINISM = """
+import sys
+from pathlib import Path
+import medlab
+from medlab.data.folder import decode_files
+from medlab.train import set_determinism
+set_determinism(0)
+paths = sorted(Path(sys.argv[1]).rglob("*.*"))
+images, failed = decode_files(paths, [path.suffix == ".bmp" for path in paths], 16, 1, progress=False)
+print(images.shape, failed, int(images[:, 3, 3, 0].min()))
+"""
+
+
+def test_tensorflow_and_pillow_files_decode_under_op_determinism_without_a_rewrite(tmp_path):
+    # With op determinism on (every lesson), a map holding Pillow's numpy_function is rewritten to run serially, and
+    # TensorFlow prints "E0000 ... NodeDef mentions attribute use_unbounded_threadpool" into lesson 03 (brain MRI).
+    # A fresh process: TensorFlow prints that line once per process.
+    make_tree(tmp_path / "d", {"train": 0}, CHEST, per_class=3)
+    write_image(tmp_path / "d" / "train" / "NORMAL" / "bitmap.bmp", 70, fmt="BMP")
+    result = subprocess.run([sys.executable, "-c", DECODE_UNDER_DETERMINISM, str(tmp_path / "d")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-6:] == ["(7,", "16,", "16,", "1)", "[]", "255"]  # the bright square everywhere
+    assert "NodeDef mentions" not in result.stderr
 
 
 def test_half_written_cache_is_not_trusted(tmp_path):

@@ -221,7 +221,10 @@ def decode_image_file(path, use_pillow, image_size: int, channels: int):
         image = tf.numpy_function(_pil_decode, [path, channels], tf.uint8)
         return tf.ensure_shape(image, [None, None, channels])
 
-    image = tf.cond(tf.convert_to_tensor(use_pillow), with_pillow, with_tf)
+    if isinstance(use_pillow, (bool, np.bool_)):  # known when tracing: only that branch enters the graph
+        image = with_pillow() if use_pillow else with_tf()
+    else:
+        image = tf.cond(tf.convert_to_tensor(use_pillow), with_pillow, with_tf)
     shrinking = tf.reduce_max(tf.shape(image)[:2]) > image_size
     image = tf.cond(
         shrinking,
@@ -236,21 +239,13 @@ def decode_files(paths: list[Path], use_pillow: list[bool], image_size: int, cha
     """Decode and resize images with a parallel ``tf.data`` pipeline.
 
     Returns the images (N, S, S, C) uint8 and the indices that failed to
-    decode; each file goes through :func:`decode_image_file`.
+    decode; each file goes through :func:`decode_image_file`. Files TensorFlow
+    decodes and files Pillow decodes go through separate pipelines: Pillow runs
+    in a ``numpy_function``, a stateful op, and with op determinism on (lessons
+    call ``set_determinism``) TensorFlow runs any map holding one serially,
+    printing an "E0000 ... NodeDef mentions attribute use_unbounded_threadpool"
+    line as it rewrites it. Kept apart, the TensorFlow files decode in parallel.
     """
-    import tensorflow as tf
-
-    def decode(path, pillow, index):
-        return decode_image_file(path, pillow, image_size, channels), index
-
-    dataset = (
-        tf.data.Dataset.from_tensor_slices(
-            ([str(p) for p in paths], np.asarray(use_pillow, dtype=bool), np.arange(len(paths))))
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .ignore_errors()
-        .batch(256)
-        .prefetch(tf.data.AUTOTUNE)
-    )
     images = np.zeros((len(paths), image_size, image_size, channels), dtype=np.uint8)
     decoded = np.zeros(len(paths), dtype=bool)
     bar = None
@@ -259,14 +254,39 @@ def decode_files(paths: list[Path], use_pillow: list[bool], image_size: int, cha
         from tqdm import tqdm
 
         bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False)
-    for batch_images, batch_index in dataset.as_numpy_iterator():
-        images[batch_index] = batch_images
-        decoded[batch_index] = True
-        if bar is not None:
-            bar.update(len(batch_index))
+    for pillow in (False, True):
+        indices = np.array([index for index, flag in enumerate(use_pillow) if bool(flag) == pillow], dtype=np.int64)
+        if len(indices) == 0:
+            continue
+        dataset = _decode_dataset([str(paths[index]) for index in indices], indices, pillow, image_size, channels)
+        for batch_images, batch_index in dataset.as_numpy_iterator():
+            images[batch_index] = batch_images
+            decoded[batch_index] = True
+            if bar is not None:
+                bar.update(len(batch_index))
     if bar is not None:
         bar.close()
     return images, [int(i) for i in np.nonzero(~decoded)[0]]
+
+
+def _decode_dataset(paths: list[str], indices: np.ndarray, pillow: bool, image_size: int, channels: int):
+    """Batches of (images, their indices) for files that all decode with Pillow, or all with TensorFlow."""
+    import tensorflow as tf
+
+    def decode(path, index):
+        return decode_image_file(path, pillow, image_size, channels), index
+
+    dataset = tf.data.Dataset.from_tensor_slices((paths, indices))
+    if pillow:  # one file at a time: under op determinism TensorFlow would make this map serial anyway
+        dataset = dataset.map(decode)
+    else:
+        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return (
+        dataset
+        .ignore_errors()
+        .batch(256)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def _folder_cache_key(scan: _FolderScan, image_size: int, channels: int | None, seed: int,
