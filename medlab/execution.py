@@ -155,6 +155,9 @@ def _papermill(task: Task, progress: bool | dict, log_output: bool, warm: _WarmK
     """Execute ``task`` with papermill (no HTML); return its wall time or raise :class:`NotebookFailed`.
 
     The wall time starts at papermill's call: a warm kernel's start and preload, done before, are not in it.
+    Without one, a task with a ``preload`` gets its kernel started here, with the preload (in the wall time): what
+    TensorFlow prints as it loads (its "absl::InitializeLog", oneDNN and CUDA lines) then goes to the terminal,
+    not into the notebook's first code cell.
 
     ``warm``: a kernel started ahead for this task, used (and shut down) instead of starting one. The kernel is
     killed as soon as the last cell has run: every output a lesson keeps is written by its cells, and a graceful
@@ -166,6 +169,8 @@ def _papermill(task: Task, progress: bool | dict, log_output: bool, warm: _WarmK
     try:
         with contextlib.ExitStack() as stack:
             sockets = stack.enter_context(tempfile.TemporaryDirectory(prefix="medlab-kernel-"))
+            if warm is None and task.preload:
+                warm = _WarmKernel(task)
             if warm is not None:
                 stack.callback(warm.stop)
             papermill.execute_notebook(
@@ -196,12 +201,20 @@ class _WarmKernel:
             raise ValueError(f"{task.notebook.name} names no kernel")  # papermill will say so when it runs
         self._folder = tempfile.TemporaryDirectory(prefix="medlab-kernel-")
         self.manager = KernelManager(kernel_name=self.suits[0], config=_kernel_config(self._folder.name))
+        # papermill's client of a kernel it did not start keeps its channels open ("Could not destroy zmq context"
+        # when it is collected): remember the clients made, and close them in stop()
+        self._clients = []
+        make_client = self.manager.client
+        self.manager.client = lambda **options: self._clients.append(make_client(**options)) or self._clients[-1]
         preload = [f"--IPKernelApp.exec_lines={task.preload}"] if task.preload else []
         # papermill's kernels keep no history file either
         self.manager.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:", *preload],
                                   cwd=str(task.cwd))
 
     def stop(self) -> None:
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.stop_channels()
         with contextlib.suppress(Exception):  # it may have died already
             self.manager.shutdown_kernel(now=True)
         self._folder.cleanup()

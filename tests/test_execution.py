@@ -149,6 +149,29 @@ def test_a_waiting_notebook_runs_in_a_kernel_started_ahead_with_its_preload(fold
     assert (folder / "05.pid").read_text() == (folder / "preloaded.pid").read_text()
 
 
+def test_a_notebook_run_at_once_gets_its_preload_and_its_output_stays_out_of_the_cells(folder):
+    """No kernel was started ahead (one at a time): the preload still runs first, in the notebook's own kernel,
+    and what it prints (TensorFlow's loading lines in the lessons; file descriptor 2 here) is not in a cell."""
+    preload = ("import os as _preloaded; _preloaded.write(2, b'PRELOAD-CHATTER\\n'); "
+               "open('preloaded.pid', 'w').write(str(_preloaded.getpid())); del _preloaded")
+    task = dataclasses.replace(_notebook(folder, "01_first", "import os\nopen('01.pid', 'w').write(str(os.getpid()))"),
+                               preload=preload)
+    run_notebooks([task], at_once=1, progress=False)
+    assert (folder / "01.pid").read_text() == (folder / "preloaded.pid").read_text()
+    assert "PRELOAD-CHATTER" not in task.output.read_text()
+
+
+def test_stopping_a_kernel_started_ahead_closes_the_clients_made_for_it(folder):
+    """papermill leaves open the channels of a client of a kernel it did not start; collected later, the client
+    warned "Could not destroy zmq context" into make reports' log."""
+    warm = execution._WarmKernel(_notebook(folder, "01_first", "print(1)"))
+    client = warm.manager.client()
+    client.start_channels()
+    assert client.channels_running
+    warm.stop()
+    assert not client.channels_running
+
+
 def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
     """A PNG output with ``alt`` metadata (medlab.plots.show_alt_text) keeps it in the HTML; others get nbconvert's."""
     from nbformat.v4 import new_output
