@@ -66,12 +66,17 @@ class Task:
     parameters: dict = field(default_factory=dict)
     kernel: str | None = None
     cwd: Path = field(default_factory=lambda: config.NOTEBOOKS_DIR)  # fixed here: a child process re-imports config
-    # Code a kernel started ahead of its notebook runs while it waits (see _WarmKernel); it should bind no names,
-    # so that the notebook still imports what it uses. The lessons preload Keras (and with it TensorFlow).
+    # Code a kernel runs before the notebook's first cell (see _WarmKernel); it should bind no names, so that the
+    # notebook still imports what it uses. What it prints goes to the terminal, not into a cell.
     preload: str = ""
 
 
-LESSON_PRELOAD = "import keras as _medlab_preloaded; del _medlab_preloaded"
+# The lessons preload medlab (its environment settings first), TensorFlow and Keras, and list the devices: TensorFlow
+# prints its loading lines on import and, where a CUDA runtime has no driver, "failed call to cuInit" on the first
+# look at the devices (listing them does not start TensorFlow's runtime: the lessons still configure it)
+LESSON_PRELOAD = ("import medlab as _medlab_preloaded, tensorflow as _tensorflow_preloaded, keras as _keras_preloaded; "
+                  "_tensorflow_preloaded.config.list_physical_devices(); "
+                  "del _medlab_preloaded, _tensorflow_preloaded, _keras_preloaded")
 
 
 def waits_for(stems: list[str]) -> dict[str, set[str]]:

@@ -172,6 +172,13 @@ def test_stopping_a_kernel_started_ahead_closes_the_clients_made_for_it(folder):
     assert not client.channels_running
 
 
+def test_the_lessons_preload_loads_tensorflow_and_keras_and_binds_no_names():
+    namespace = {}
+    exec(execution.LESSON_PRELOAD, namespace)  # noqa: S102 - the preload is medlab's own constant
+    assert set(namespace) == {"__builtins__"}
+    assert {"medlab", "tensorflow", "keras"} <= set(sys.modules)
+
+
 def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
     """A PNG output with ``alt`` metadata (medlab.plots.show_alt_text) keeps it in the HTML; others get nbconvert's."""
     from nbformat.v4 import new_output
