@@ -22,6 +22,7 @@ def notebook_dir(tmp_path, monkeypatch):
     folder = tmp_path / "notebooks"
     folder.mkdir()
     monkeypatch.setattr(config, "NOTEBOOKS_DIR", folder)
+    monkeypatch.setattr(reports, "LESSON_PRELOAD", "")  # these stand-ins load no TensorFlow (3 s a kernel)
     _notebook(folder / "01_first.ipynb",
               "from medlab.reports import record\n"
               "record(run_dir, 'dataset', {'name': dataset, 'synthetic': True})\n"
