@@ -65,14 +65,19 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
     return path
 
 
+class FileLockedError(BlockingIOError):
+    """Another process holds :func:`one_writer`'s lock, and the caller asked not to wait."""
+
+
 @contextlib.contextmanager
-def one_writer(path: Path, progress: bool = True):
+def one_writer(path: Path, progress: bool = True, wait: bool = True):
     """Hold an exclusive lock for building ``path`` (a file lock beside it, ``.<name>.lock``).
 
     Two lessons started together on the same data (``make reports`` runs 03 and 04 side by side) would
     otherwise both generate or decode it; inside this block, check for a finished file first: the second
-    one finds what the first wrote. Without POSIX locks (Windows) the block only runs: both build, and
-    the unique temporary names still keep every write whole.
+    one finds what the first wrote. With ``wait=False`` a held lock raises :class:`FileLockedError` instead.
+    Without POSIX locks (Windows) the block only runs: both build, and the unique temporary names still
+    keep every write whole.
     """
     try:
         import fcntl
@@ -85,6 +90,8 @@ def one_writer(path: Path, progress: bool = True):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise FileLockedError(f"another process is writing {path}") from None
             if progress:
                 print(f"[medlab] waiting for another process to finish {path.name}", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -30,6 +30,7 @@ from medlab import config
 from medlab.evaluate import HEADLINE_METRICS
 from medlab.execution import LESSON_PRELOAD, NotebookFailed, Task, run_notebooks
 from medlab.html import render
+from medlab.npzio import FileLockedError, one_writer
 from medlab.runs import RunFolder, read_json, run_name, write_json
 
 REPORTED_PACKAGES = ("medlab", "tensorflow", "keras", "numpy", "pandas", "scikit-learn",
@@ -93,6 +94,16 @@ def run_reports(dataset: str = config.DEFAULT_DATASET, selection: list[str] | No
     if Path(dataset).expanduser().exists():  # notebooks run in notebooks/: pass paths absolute
         dataset = str(Path(dataset).expanduser().resolve())
     name = name or run_name(dataset)
+    try:
+        with one_writer(reports_dir / name, progress=False, wait=False):  # a second run would delete its staging
+            return _run_reports(dataset, selection, parameters, kernel, progress, reports_dir, name, at_once)
+    except FileLockedError:
+        raise ReportError(f"Another run is writing {reports_dir / name}/ (a `make reports` in another terminal?). "
+                          "Wait for it to finish, or give this one another MEDLAB_REPORTS_DIR.") from None
+
+
+def _run_reports(dataset: str, selection: list[str] | None, parameters: dict | None, kernel: str | None,
+                 progress: bool, reports_dir: Path, name: str, at_once: int | None) -> Path:
     final = reports_dir / name
     staging = reports_dir / f".{name}.staging"
     failed = reports_dir / f"{name}.failed"

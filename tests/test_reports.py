@@ -57,7 +57,7 @@ def test_a_complete_run_writes_notebooks_html_metrics_and_index(notebook_dir, tm
     assert "SYNTHETIC DATA" in (final / "index.html").read_text()
     assert "Up to 2 notebooks ran side by side" in (final / "index.html").read_text()
     assert "hello from synthetic" in (final / "01_first.html").read_text()
-    assert not list((tmp_path / "reports").glob(".*"))  # no staging folder left behind
+    assert not [path for path in (tmp_path / "reports").glob(".*") if path.is_dir()]  # no staging folder left behind
 
 
 def test_a_failing_notebook_keeps_the_previous_report(notebook_dir, tmp_path):
@@ -70,6 +70,18 @@ def test_a_failing_notebook_keeps_the_previous_report(notebook_dir, tmp_path):
     failed = tmp_path / "reports" / "synthetic.failed"
     assert "planted failure" in (failed / "02_second.ipynb").read_text()
     assert (failed / "02_second.html").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(notebook_dir, tmp_path):
+    # it would delete the first one's staging folder from under its notebooks
+    from medlab.npzio import one_writer
+
+    final = run_reports("synthetic", kernel="python3", progress=False, at_once=1)
+    before = (final / "metrics.json").read_text()
+    with one_writer(final, progress=False), pytest.raises(ReportError, match="Another run is writing .*synthetic"):
+        run_reports("synthetic", kernel="python3", progress=False, at_once=1)
+    assert (final / "metrics.json").read_text() == before
+    assert run_reports("synthetic", kernel="python3", progress=False, at_once=1) == final  # free again
 
 
 def test_notebook_selection(notebook_dir):
