@@ -106,5 +106,5 @@ lock: ## Re-resolve requirements.lock from pyproject.toml (needs uv) and refresh
 	$(PY) scripts/environment_from_lock.py
 
 clean: ## Remove generated reports, caches and build files (keeps .venv and downloads)
-	rm -rf build reports/*/ reports/.*staging data/cache data/synthetic .pytest_cache
+	rm -rf build reports/*/ reports/.*staging reports/.*.lock data/cache data/synthetic .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
