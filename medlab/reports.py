@@ -133,6 +133,11 @@ def _run_reports(dataset: str, selection: list[str] | None, parameters: dict | N
         shutil.rmtree(failed, ignore_errors=True)
         staging.rename(failed)
         raise _report_error(failure, dataset, final, failed) from None
+    except KeyboardInterrupt:  # Ctrl-C: keep what ran, as for a failure
+        shutil.rmtree(failed, ignore_errors=True)
+        staging.rename(failed)
+        print(f"[medlab] interrupted: the notebooks, as far as they ran, are in {failed}/. {_kept(final)}", flush=True)
+        raise
     elapsed = time.perf_counter() - started  # a partial run: only the notebooks it ran (they may have overlapped)
     timings.update(new_timings)
 
@@ -163,11 +168,14 @@ def _tasks(chosen: list[Path], staging: Path, given: dict, kernel: str | None) -
     return tasks
 
 
-def _report_error(failure: NotebookFailed, dataset: str, final: Path, failed: Path) -> ReportError:
-    kept = (f"The previous complete report in {final}/ was left untouched." if final.exists() else
+def _kept(final: Path) -> str:
+    return (f"The previous complete report in {final}/ was left untouched." if final.exists() else
             f"No complete report exists for this dataset yet, so {final}/ was not created.")
+
+
+def _report_error(failure: NotebookFailed, dataset: str, final: Path, failed: Path) -> ReportError:
     return ReportError(f"{failure.notebook.name} failed on dataset {dataset!r}: {failure.reason}: {failure.detail}\n"
-                       f"The executed notebook, with the error shown, is in {failed}/. {kept}")
+                       f"The executed notebook, with the error shown, is in {failed}/. {_kept(final)}")
 
 
 def _collect_metrics(run: RunFolder, dataset: str, name: str, timings: dict, parameters: dict,

@@ -84,6 +84,23 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(not
     assert run_reports("synthetic", kernel="python3", progress=False, at_once=1) == final  # free again
 
 
+def test_an_interrupted_run_keeps_what_ran_and_the_previous_report(notebook_dir, tmp_path, monkeypatch, capsys):
+    final = run_reports("synthetic", kernel="python3", progress=False, at_once=1)
+    before = (final / "metrics.json").read_text()
+
+    def interrupted(tasks, at_once, progress):
+        tasks[0].output.write_text("{}")  # a notebook as far as it ran
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reports, "run_notebooks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_reports("synthetic", kernel="python3", progress=False, at_once=1)
+    assert (final / "metrics.json").read_text() == before
+    assert (tmp_path / "reports" / "synthetic.failed" / "01_first.ipynb").read_text() == "{}"
+    assert not (tmp_path / "reports" / ".synthetic.staging").exists()
+    assert "interrupted: the notebooks, as far as they ran, are in" in capsys.readouterr().out
+
+
 def test_notebook_selection(notebook_dir):
     assert [p.stem for p in reports.notebooks(["02"])] == ["02_second"]
     with pytest.raises(ValueError, match="no notebook matches"):
