@@ -86,7 +86,12 @@ def one_writer(path: Path, progress: bool = True, wait: bool = True):
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    try:
+        lock = _open_lock(path)
+    except OSError:  # a read-only folder (a shared, prepared data set): nothing can be written there to guard
+        yield
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,6 +104,10 @@ def one_writer(path: Path, progress: bool = True, wait: bool = True):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _open_lock(path: Path):
+    return open(path.with_name(f".{path.name}.lock"), "a")
 
 
 def file_sha256(path: Path) -> str:

@@ -66,6 +66,22 @@ def test_two_processes_asking_at_once_generate_once(tmp_path, monkeypatch):
     assert json.loads(paths[0].with_suffix(".json").read_text())["sha256"] == file_sha256(paths[0])
 
 
+def test_a_prepared_set_in_a_read_only_folder_is_used(tmp_path, monkeypatch):
+    # a course's shared data folder: the lock file beside the set cannot be created there
+    from medlab import npzio
+
+    cfg = SyntheticConfig(**SMALL)
+    path = ensure_synthetic(cfg, tmp_path, progress=False)
+    (tmp_path / f".{path.name}.lock").unlink()
+
+    def read_only(lock_path):
+        raise PermissionError(f"[Errno 13] Permission denied: {lock_path}")
+
+    monkeypatch.setattr(npzio, "_open_lock", read_only)
+    monkeypatch.setattr(synthetic, "generate", lambda *a, **k: pytest.fail("the prepared set was generated again"))
+    assert ensure_synthetic(cfg, tmp_path, progress=False) == path
+
+
 def test_exact_class_counts_and_masks_only_for_lesions():
     cfg = SyntheticConfig(task="four_class", image_size=32, counts=(41, 8, 8))
     images, labels, masks = generate_split(cfg, "train")
