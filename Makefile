@@ -38,10 +38,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 # The kernel asks TensorFlow for oneDNN's kernels (as `import medlab` does) before a notebook imports it:
-# a notebook opened in JupyterLab then trains as fast, and to the same numbers, as in `make reports`.
-$(KERNEL_SPEC): $(VENV)/.installed Makefile
-	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (medlab)" \
-		--env TF_ENABLE_ONEDNN_OPTS 1
+# a notebook opened in JupyterLab then trains as fast, and to the same numbers, as in `make reports`. It also
+# loads TensorFlow as it starts (medlab.execution.LESSON_PRELOAD), so TensorFlow's loading lines stay out of cells.
+$(KERNEL_SPEC): $(VENV)/.installed Makefile medlab/execution.py
+	$(PY) -m medlab.cli kernel
 
 lab: setup ## Open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/

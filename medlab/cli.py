@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("dataset", nargs="?", default=config.DEFAULT_DATASET)
     audit.add_argument("--skip-bad-files", action="store_true", help="leave unreadable images out and list them")
 
+    kernel = commands.add_parser("kernel", help="register the Jupyter kernel the notebooks use (make setup does)")
+    kernel.add_argument("--user", action="store_true", help="in your own kernels (default: this environment's)")
+
     reports = commands.add_parser("reports", help="execute the notebooks into reports/<run>/")
     reports.add_argument("--dataset", default=config.DEFAULT_DATASET)
     reports.add_argument("--notebooks", nargs="*", help="numbers or names, e.g. 01 02 (default: all)")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(arguments) -> int:
     """Dispatch to the subcommand's handler."""
-    handlers = {"data": _data, "info": _info, "audit": _audit, "reports": _reports, "predict": _predict,
+    handlers = {"data": _data, "info": _info, "audit": _audit, "kernel": _kernel, "reports": _reports, "predict": _predict,
                 "serve": _predict, "bench": _bench}
     return handlers[arguments.command](arguments)
 
@@ -192,6 +195,13 @@ def _audit(arguments) -> int:
     known = any(patient for split in dataset.splits.values() for patient in split.patients or [])
     print("\npatients in more than one split:", "file names and headers name no patients" if not known else
           "none" if shared.empty else f"{len(shared)}\n" + shared.to_string(index=False))
+    return 0
+
+
+def _kernel(arguments) -> int:
+    from medlab.execution import install_kernel
+
+    print(f"kernel registered: {install_kernel(user=arguments.user)}")
     return 0
 
 

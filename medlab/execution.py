@@ -79,6 +79,29 @@ LESSON_PRELOAD = ("import medlab as _medlab_preloaded, tensorflow as _tensorflow
                   "del _medlab_preloaded, _tensorflow_preloaded, _keras_preloaded")
 
 
+def install_kernel(name: str = "medlab", user: bool = False, prefix: str | None = None) -> Path:
+    """Register the Jupyter kernel the lessons name (``make setup`` does; ``medlab kernel``); return its folder.
+
+    The kernel asks TensorFlow for oneDNN's kernels (``TF_ENABLE_ONEDNN_OPTS=1``, as ``import medlab`` does, since
+    the notebooks import TensorFlow first), so a lesson opened in JupyterLab trains as fast, and to the same
+    numbers, as in ``make reports``; and it runs :data:`LESSON_PRELOAD` as it starts, so TensorFlow's loading lines
+    go to JupyterLab's terminal rather than into the setup cell. ``user``: the user's kernels; else ``prefix``,
+    default this Python's environment (``--sys-prefix``).
+    """
+    import json
+    import sys
+
+    from ipykernel.kernelspec import install
+
+    folder = Path(install(user=user, prefix=None if user else (prefix or sys.prefix), kernel_name=name,
+                          display_name="Python (medlab)", env={"TF_ENABLE_ONEDNN_OPTS": "1"}))
+    spec_path = folder / "kernel.json"
+    spec = json.loads(spec_path.read_text())
+    spec["argv"].append(f"--IPKernelApp.exec_lines={LESSON_PRELOAD}")
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    return folder
+
+
 def waits_for(stems: list[str]) -> dict[str, set[str]]:
     """For each notebook stem, the stems among ``stems`` it must wait for (see :data:`NEEDS`)."""
     numbers = {stem: stem.split("_", 1)[0] for stem in stems}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = """# Conda users: `conda env create -f environment.yml && conda activate medlab`,
-# then `python -m ipykernel install --user --name medlab --display-name "Python (medlab)" --env TF_ENABLE_ONEDNN_OPTS 1`.
+# then, from the project folder, `python -m medlab.cli kernel --user` (registers the notebooks' kernel).
 # The pip pins below are requirements.lock without its hashes (tests/test_setup.py keeps them equal);
 # `make setup` (venv + pip, hash-checked) is the reference installation.
 name: medlab

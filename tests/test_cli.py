@@ -55,7 +55,7 @@ def test_python_dash_m_medlab_is_the_same_command_line():
     import sys
 
     result = subprocess.run([sys.executable, "-m", "medlab", "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "{data,info,audit,reports,predict,serve,bench}" in result.stdout
+    assert result.returncode == 0 and "{data,info,audit,kernel,reports,predict,serve,bench}" in result.stdout
 
 
 @pytest.mark.parametrize(("text", "expected"), [

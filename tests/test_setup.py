@@ -1,6 +1,7 @@
 """The project's own set-up promises: CI runs the README's commands, the pins agree."""
 
 import re
+import sys
 
 import pytest
 
@@ -41,3 +42,21 @@ def test_the_medlab_kernel_asks_for_onednn_as_import_medlab_does():
     except NoSuchKernel:
         pytest.skip("no medlab kernel registered here (`make setup` registers it)")
     assert spec.env.get("TF_ENABLE_ONEDNN_OPTS") == "1"  # notebooks import TensorFlow before medlab
+    from medlab.execution import LESSON_PRELOAD
+
+    assert spec.argv[-1] == f"--IPKernelApp.exec_lines={LESSON_PRELOAD}"  # TensorFlow's loading lines out of cells
+
+
+def test_medlab_kernel_registers_the_kernel_the_notebooks_name(tmp_path):
+    import json
+
+    from medlab.cli import build_parser
+    from medlab.execution import LESSON_PRELOAD, install_kernel
+
+    spec = json.loads((install_kernel(prefix=str(tmp_path)) / "kernel.json").read_text())
+    assert spec["display_name"] == "Python (medlab)" and spec["env"] == {"TF_ENABLE_ONEDNN_OPTS": "1"}
+    assert spec["argv"][:3] == [sys.executable, "-Xfrozen_modules=off", "-m"]
+    assert spec["argv"][-1] == f"--IPKernelApp.exec_lines={LESSON_PRELOAD}"
+    notebook = json.loads((ROOT / "notebooks" / "03_scratch_cnn.ipynb").read_text())
+    assert (tmp_path / "share" / "jupyter" / "kernels" / notebook["metadata"]["kernelspec"]["name"]).is_dir()
+    assert build_parser().parse_args(["kernel", "--user"]).user  # `medlab kernel --user`, the README's conda step
