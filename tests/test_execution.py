@@ -167,6 +167,7 @@ def test_stopping_a_kernel_started_ahead_closes_the_clients_made_for_it(folder):
     warm = execution._WarmKernel(_notebook(folder, "01_first", "print(1)"))
     client = warm.manager.client()
     client.start_channels()
+    client.wait_for_ready(timeout=60)  # as papermill's client is by the time stop() runs (its channels all started)
     assert client.channels_running
     warm.stop()
     assert not client.channels_running
