@@ -67,7 +67,7 @@ class Task:
     kernel: str | None = None
     cwd: Path = field(default_factory=lambda: config.NOTEBOOKS_DIR)  # fixed here: a child process re-imports config
     # Code a kernel runs before the notebook's first cell (see _WarmKernel); it should bind no names, so that the
-    # notebook still imports what it uses. What it prints goes to the terminal, not into a cell.
+    # notebook still imports what it uses. What it prints does not go into a cell (papermill: to the terminal).
     preload: str = ""
 
 
@@ -85,7 +85,7 @@ def install_kernel(name: str = "medlab", user: bool = False, prefix: str | None 
     The kernel asks TensorFlow for oneDNN's kernels (``TF_ENABLE_ONEDNN_OPTS=1``, as ``import medlab`` does, since
     the notebooks import TensorFlow first), so a lesson opened in JupyterLab trains as fast, and to the same
     numbers, as in ``make reports``; and it runs :data:`LESSON_PRELOAD` as it starts, so TensorFlow's loading lines
-    go to JupyterLab's terminal rather than into the setup cell. ``user``: the user's kernels; else ``prefix``,
+    stay out of the setup cell. ``user``: the user's kernels; else ``prefix``,
     default this Python's environment (``--sys-prefix``).
     """
     import json
