@@ -34,7 +34,7 @@ def test_core_packages_are_locked():
         assert re.search(rf"^{package}==", lock, re.M), package
 
 
-def test_the_medlab_kernel_asks_for_onednn_as_import_medlab_does():
+def test_the_medlab_kernel_asks_for_onednn_and_loads_tensorflow_before_the_first_cell():
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
