@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
         return _run(arguments)
-    except (DataError, DownloadError, ReportError, PredictError, FileNotFoundError, ValueError) as error:
+    except (DataError, DownloadError, ReportError, PredictError, FileNotFoundError, PermissionError, ValueError) as error:
         if arguments.debug:
             raise
         print(f"medlab: error: {error}", file=sys.stderr)

@@ -31,6 +31,18 @@ def test_offline_download_fails_cleanly(capsys, monkeypatch):
     assert "could not download" in error and "put it at" in error and "Traceback" not in error
 
 
+def test_a_kernel_folder_without_write_permission_is_one_clear_line(capsys, monkeypatch):
+    from medlab import execution
+
+    def refused(**options):
+        raise PermissionError("[Errno 13] Permission denied: '/usr/local/share/jupyter/kernels/medlab'")
+
+    monkeypatch.setattr(execution, "install_kernel", refused)
+    assert main(["kernel"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("medlab: error: ") and "Permission denied" in error and "Traceback" not in error
+
+
 def test_audit_and_synthetic_commands(capsys):
     assert main(["data", "synthetic"]) == 0  # the default set, which the audit below reads
     assert main(["audit", "synthetic"]) == 0
