@@ -233,8 +233,15 @@ class _WarmKernel:
         # when it is collected): remember the clients made, and close them in stop()
         self._clients = []
         make_client = self.manager.client
-        self.manager.client = lambda **options: self._clients.append(make_client(**options)) or self._clients[-1]
+
+        def remembered_client(**options):
+            self._clients.append(make_client(**options))
+            return self._clients[-1]
+
+        self.manager.client = remembered_client
         preload = [f"--IPKernelApp.exec_lines={task.preload}"] if task.preload else []
+        if set(preload) <= set(self.manager.kernel_spec.argv):  # the kernel runs it already (medlab's: install_kernel)
+            preload = []
         # papermill's kernels keep no history file either
         self.manager.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:", *preload],
                                   cwd=str(task.cwd))

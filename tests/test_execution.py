@@ -173,11 +173,29 @@ def test_stopping_a_kernel_started_ahead_closes_the_clients_made_for_it(folder):
     assert not client.channels_running
 
 
+def test_a_preload_the_kernel_already_runs_is_not_run_twice(folder, tmp_path, monkeypatch):
+    """medlab's registered kernel runs the lessons' preload itself (install_kernel): a task's own copy is not added."""
+    preload = f"open({str(tmp_path / 'count.txt')!r}, 'a').write('x')"
+    monkeypatch.setattr(execution, "LESSON_PRELOAD", preload)
+    execution.install_kernel("medlab-preloaded", prefix=str(tmp_path / "env"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "env" / "share" / "jupyter"))
+    task = dataclasses.replace(_notebook(folder, "01_first", "print(1)"), kernel="medlab-preloaded", preload=preload)
+    warm = execution._WarmKernel(task)
+    client = warm.manager.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=60)  # the kernel has run its start-up lines by now
+    warm.stop()
+    assert (tmp_path / "count.txt").read_text() == "x"
+
+
 def test_the_lessons_preload_loads_tensorflow_and_keras_and_binds_no_names():
-    namespace = {}
-    exec(execution.LESSON_PRELOAD, namespace)  # noqa: S102 - the preload is medlab's own constant
-    assert set(namespace) == {"__builtins__"}
-    assert {"medlab", "tensorflow", "keras"} <= set(sys.modules)
+    # a fresh interpreter: in this one, other tests may have imported them already
+    script = ("import sys\nnamespace = {}\nexec(sys.argv[1], namespace)\n"
+              "print(sorted(namespace), sorted({'medlab', 'tensorflow', 'keras'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", script, execution.LESSON_PRELOAD], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "['__builtins__'] ['keras', 'medlab', 'tensorflow']"
 
 
 def test_the_html_page_gives_figures_their_alternative_text(tmp_path):
