@@ -87,11 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bench_kernels(arguments) -> int:
+    from medlab import kernels, speed
+    from medlab.train import cpu_trains_bfloat16, onednn_enabled
+
+    if not onednn_enabled():
+        raise ValueError("TensorFlow runs its own kernels here, not oneDNN's (TF_ENABLE_ONEDNN_OPTS=0, or a "
+                         "TensorFlow built without them): there is no oneDNN log to read")
+    precisions = ("float32", "mixed_bfloat16") if cpu_trains_bfloat16() else ("float32",)
+    results = [speed.kernel_breakdown(name, precision) for precision in precisions for name in speed.KERNEL_MODELS]
+    print(json.dumps(results, indent=2) if arguments.json else kernels.markdown(results))
+    return 0
+
+
 def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="print benchmark figures")
-    bench.add_argument("what", choices=["full", "data", "speed", "merge", "compare"], nargs="?", default="full",
+    bench.add_argument("what", choices=["full", "data", "speed", "kernels", "merge", "compare"], nargs="?", default="full",
                        help="full: the whole report per seed, then one table (default); data: the data pipeline "
-                            "only; speed: training FLOP/s against this CPU's attainable rate, and overheads; "
+                            "only; speed: training FLOP/s against this CPU's attainable rate, and overheads; kernels: where "
+                            "lesson 03's 64 and 128 px training steps go, by oneDNN kernel (about a minute); "
                             "merge: one table from finished bench runs (--runs), e.g. seeds run on several machines; "
                             "compare: finished bench runs (--runs) against a baseline's (--against), e.g. two commits")
     bench.add_argument("--seed", type=int, action="append", dest="only_seeds",
@@ -112,13 +126,15 @@ def _add_bench_parser(commands) -> None:
 def main(argv: list[str] | None = None) -> int:
     from medlab.data import DataError
     from medlab.download import DownloadError
+    from medlab.kernels import LogError
     from medlab.predict import PredictError
     from medlab.reports import ReportError
 
     arguments = build_parser().parse_args(argv)
     try:
         return _run(arguments)
-    except (DataError, DownloadError, ReportError, PredictError, FileNotFoundError, PermissionError, ValueError) as error:
+    except (DataError, DownloadError, ReportError, PredictError, LogError, FileNotFoundError, PermissionError,
+            ValueError) as error:
         if arguments.debug:
             raise
         print(f"medlab: error: {error}", file=sys.stderr)
@@ -247,6 +263,8 @@ def _bench(arguments) -> int:
         print(json.dumps(results, indent=2) if arguments.json else speed.markdown(results))
         print(f"\nwritten: {json_path}, {markdown_path}")
         return 0
+    if arguments.what == "kernels":
+        return _bench_kernels(arguments)
     if arguments.what == "compare":
         if not arguments.runs or not arguments.against:
             raise ValueError("bench compare needs --runs FOLDER [FOLDER ...] --against FOLDER [FOLDER ...] "

@@ -32,6 +32,11 @@ measured on the same machine in the same run.
   pipeline, no validation, no callbacks. Its rate against the attainable one
   is how well the kernels themselves use the CPU; the gap to the achieved
   rate is what an epoch adds around the steps.
+- **Kernel by kernel**: lesson 03's bare 64 and 128 px steps again, with
+  oneDNN's own timing of each kernel it runs (:mod:`medlab.kernels`): the
+  convolutions' forward pass, input and weight gradients each with its
+  GFLOP/s, batch norm, pooling, reorders; so a gap between the step and the
+  attainable rate can be put down to the kernels that make it.
 - **Overheads**: the same measurement (one run) with one thing switched off at a time
   (training metrics, precise BN, augmentation, op determinism, validation),
   and with Keras' own ``BatchNormalization`` in place of medlab's fused one,
@@ -43,6 +48,7 @@ measured on the same machine in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -59,6 +65,8 @@ CONV_SHAPES = ((32, 32, 64), (16, 64, 128), (32, 64, 64))
 # an epoch adds around its steps (precise BN's fixed 512 images, the validation pass) weighs as it does there.
 TRAIN_IMAGES, VAL_IMAGES = SyntheticConfig().counts[:2]
 OVERHEADS = ("metrics", "precise_bn", "augmentation", "determinism", "validation", "fused_batchnorm", "step_per_call")
+# Lesson 03's models whose bare step kernel_breakdown splits by oneDNN kernel in the speed table.
+KERNEL_MODELS = ("scratch_cnn_64px", "scratch_cnn_128px")
 # Runs of the main training rate and of the bare step, the best taken (as attainable_rates takes the best of three).
 TRIALS = 3
 
@@ -237,6 +245,17 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
 
     The best of ``trials`` runs of ``repeats`` steps.
     """
+    with bare_step(build_model, side, channels, num_classes, batch_size, seed, precision) as step:
+        return batch_size * _rate(step, 1.0, repeats, trials)  # _rate traces with one untimed call
+
+
+@contextlib.contextmanager
+def bare_step(build_model, side: int, channels: int = 1, num_classes: int = 2, batch_size: int = 64,
+              seed: int = config.DEFAULT_SEED, precision: str = "float32"):
+    """``build_model``'s training step (forward, backward, Adam) on one fixed batch, as a traced function.
+
+    Not yet called (the first call traces it); the caller's precision policy is back afterwards.
+    """
     import keras
     import tensorflow as tf
 
@@ -259,9 +278,42 @@ def measure_step(build_model, side: int, channels: int = 1, num_classes: int = 2
                 optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
                 return loss
 
-            return batch_size * _rate(step, 1.0, repeats, trials)  # _rate traces with one untimed call
+            yield step
         finally:
             keras.backend.clear_session()
+
+
+def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> dict:
+    """oneDNN's time per kernel in the bare training step of :func:`lesson_models`' ``name`` (:mod:`medlab.kernels`).
+
+    The step runs in a fresh process (oneDNN reads its log switch when it loads): three untimed steps, then
+    ``steps`` logged ones. Where TensorFlow does not use oneDNN the log is empty: check :func:`medlab.train.onednn_enabled`.
+    """
+    from medlab import kernels
+
+    if name not in lesson_models():
+        raise ValueError(f"unknown model {name!r}: one of {sorted(lesson_models())}")
+    code = f"from medlab.speed import _logged_steps; _logged_steps({name!r}, {precision!r}, {int(steps)})"
+    lines, measured = kernels.run_logged(code)
+    return {"model": name, "precision": precision, "batch_size": 64, "steps": steps,
+            **kernels.summarise(kernels.parse_verbose(lines), steps), **measured}
+
+
+def _logged_steps(name: str, precision: str, steps: int) -> None:
+    """In :func:`kernel_breakdown`'s process: warm up, then ``steps`` steps between the markers oneDNN's log is cut at."""
+    from medlab import kernels
+
+    build, side, channels = lesson_models()[name]
+    with bare_step(build, side, channels, precision=precision) as step:
+        for _ in range(3):  # the first traces; oneDNN builds its kernels on the first runs
+            float(step())
+        print(kernels.START, flush=True)
+        started = time.perf_counter()
+        for _ in range(steps):
+            result = step()
+        float(result)
+        wall_ms = (time.perf_counter() - started) / steps * 1e3
+        print(kernels.END + json.dumps({"step_wall_ms": round(wall_ms, 2)}), flush=True)
 
 
 def lesson_models(num_classes: int = 2) -> dict:
@@ -331,12 +383,14 @@ def lesson_summary(run_dir: str | Path) -> dict:
             "notebooks_at_once": metrics.get("notebooks_at_once", 1), "models": models}
 
 
-def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, epochs: int = 2) -> dict:
+def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, epochs: int = 2,
+                    kernels: bool = True) -> dict:
     """The whole speed table: attainable rates, each lesson model's rate and overheads, lesson wall times.
 
     Every model is measured in float32, with the overheads; where lesson 03
     trains in bfloat16 (a CPU with AMX or AVX512-BF16), its models are measured in bfloat16
-    too (rows ``..._bfloat16``), against the bfloat16 convolution rate.
+    too (rows ``..._bfloat16``), against the bfloat16 convolution rate. With ``kernels``
+    and oneDNN on, :func:`kernel_breakdown` of lesson 03's 64 and 128 px steps in each precision.
     """
     from medlab.augment import TRANSFER_AUGMENTATION
     from medlab.train import PreciseBatchNorm, cpu_trains_bfloat16, onednn_enabled
@@ -376,15 +430,17 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
                 float32_conv = max(rows[name]["conv2d_gflops_before_and_after"])
                 row["percent_of_float32_conv"] = round(100 * rate * train_gflop / float32_conv, 1)
             rows[name + suffix] = row
+    breakdowns = [kernel_breakdown(name, precision) for precision, _suffix, _rate in variants
+                  for name in KERNEL_MODELS] if kernels and onednn_enabled() else []
     return {"cpu_count": config.cpu_count(), "onednn": onednn_enabled(), "attainable": peak, "models": rows,
-            "lessons": lesson_summary(run_dir) if run_dir else {}}
+            "kernels": breakdowns, "lessons": lesson_summary(run_dir) if run_dir else {}}
 
 
 def markdown(result: dict) -> str:
     """The speed table (what ``medlab bench speed`` prints)."""
     peak = result["attainable"]
-    kernels = {True: ", oneDNN kernels", False: ", TensorFlow's own kernels (oneDNN off)"}.get(result.get("onednn"), "")
-    lines = [f"Attainable on this machine ({result['cpu_count']} cores{kernels}): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
+    kernel_note = {True: ", oneDNN kernels", False: ", TensorFlow's own kernels (oneDNN off)"}.get(result.get("onednn"), "")
+    lines = [f"Attainable on this machine ({result['cpu_count']} cores{kernel_note}): matmul {peak['matmul_2048_gflops']:.0f} GFLOP/s; "
              "3x3 Conv2D forward+backward " + ", ".join(f"{k} {v:.0f}" for k, v in peak["conv2d_train_gflops"].items())
              + f" GFLOP/s (best {peak['attainable_conv2d_gflops']:.0f})."]
     if "conv2d_train_gflops_bfloat16" in peak:
@@ -423,6 +479,11 @@ def markdown(result: dict) -> str:
         lines += ["", "The `_bfloat16` rows' GFLOP/s against the float32 conv rate measured next to their float32 rows"
                   " (what the same training would be held to on a CPU without bfloat16 instructions): "
                   + ", ".join(f"{name} {percent:.0f}%" for name, percent in against_float32.items()) + "."]
+    if result.get("kernels"):
+        from medlab import kernels
+
+        lines += ["", "Where lesson 03's bare training step goes, kernel by kernel, as oneDNN times it (`medlab bench"
+                  " kernels` alone):", "", kernels.markdown(result["kernels"])]
     lessons = result.get("lessons") or {}
     if lessons:
         at_once = lessons.get("notebooks_at_once", 1)

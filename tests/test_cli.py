@@ -81,3 +81,20 @@ def test_python_dash_m_medlab_is_the_same_command_line():
 ])
 def test_parameters_are_typed_as_in_the_notebooks(text, expected):
     assert _parse_parameter(text) == expected
+
+
+def test_bench_kernels_prints_the_table_or_says_why_there_is_none(capsys, monkeypatch):
+    import medlab.train
+    from medlab import speed
+
+    monkeypatch.setattr(medlab.train, "onednn_enabled", lambda: False)
+    assert main(["bench", "kernels"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("medlab: error: TensorFlow runs its own kernels here") and "Traceback" not in error
+    monkeypatch.setattr(medlab.train, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(medlab.train, "cpu_trains_bfloat16", lambda: False)
+    monkeypatch.setattr(speed, "kernel_breakdown", lambda name, precision: {
+        "model": name, "precision": precision, "batch_size": 64, "step_wall_ms": 40.0, "onednn_ms": 30.0,
+        "kernels": {}, "convolutions": {"ms": 20.0, "gflops": 800.0}})
+    assert main(["bench", "kernels"]) == 0
+    assert "| scratch_cnn_64px float32 | scratch_cnn_128px float32 |" in capsys.readouterr().out

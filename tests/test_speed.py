@@ -8,6 +8,7 @@ from conftest import needs_bfloat16
 
 from medlab import speed
 from medlab.models import build_scratch_cnn, global_dtype_policy
+from medlab.train import onednn_enabled
 
 
 def test_forward_flops_counts_convolutions_and_dense_layers():
@@ -134,7 +135,8 @@ def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch):
                                                          ("scratch_cnn_28px", "scratch_cnn_64px")})
     monkeypatch.setattr(speed, "measure_training", lambda *args, **kwargs: 1000.0)
     monkeypatch.setattr(speed, "measure_step", lambda *args, **kwargs: 2000.0)
-    rows = speed.speed_benchmark(overheads=False)["models"]
+    monkeypatch.setattr(speed, "kernel_breakdown", lambda name, precision: pytest.fail("kernels=False measures none"))
+    rows = speed.speed_benchmark(overheads=False, kernels=False)["models"]
     first, second = rows["scratch_cnn_28px"], rows["scratch_cnn_64px"]
     assert first["conv2d_gflops_before_and_after"] == [100.0, 150.0]
     assert first["percent_of_attainable"] == pytest.approx(100 * first["achieved_gflops"] / 150.0, abs=0.1)
@@ -165,7 +167,15 @@ def test_bfloat16_rows_are_also_set_against_the_float32_conv_rate(monkeypatch):
     monkeypatch.setattr(speed, "measure_training",
                         lambda *args, precision="float32", **kwargs: 1000.0 if precision == "float32" else 2000.0)
     monkeypatch.setattr(speed, "measure_step", lambda *args, **kwargs: 3000.0)
+    monkeypatch.setattr(medlab.train, "onednn_enabled", lambda: True)
+    breakdown = {"batch_size": 64, "step_wall_ms": 40.0, "onednn_ms": 30.0, "kernels": {},
+                 "convolutions": {"ms": 20.0, "gflops": 800.0}}
+    monkeypatch.setattr(speed, "kernel_breakdown",
+                        lambda name, precision: {"model": name, "precision": precision, **breakdown})
     result = speed.speed_benchmark(overheads=False)
+    assert [(b["model"], b["precision"]) for b in result["kernels"]] == [
+        (name, precision) for precision in ("float32", "mixed_bfloat16") for name in speed.KERNEL_MODELS]
+    assert "| scratch_cnn_64px float32 | scratch_cnn_128px float32 | scratch_cnn_64px bfloat16 |" in speed.markdown(result)
     float32, bfloat16 = result["models"]["scratch_cnn_64px"], result["models"]["scratch_cnn_64px_bfloat16"]
     assert "percent_of_float32_conv" not in float32
     assert bfloat16["percent_of_attainable"] == pytest.approx(100 * bfloat16["achieved_gflops"] / 600.0, abs=0.1)
@@ -213,3 +223,20 @@ def test_lesson_summary_and_markdown(tmp_path):
     assert markdown_path.read_text().strip() == with_bfloat16
     lessons["notebooks_at_once"] = 2
     assert "total 100 s (up to 2 notebooks at a time: their times overlap)" in speed.markdown(result)
+
+
+@pytest.mark.skipif(not onednn_enabled(), reason="TensorFlow runs without oneDNN here")
+def test_kernel_breakdown_counts_the_models_own_convolutions():
+    build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
+    breakdown = speed.kernel_breakdown("scratch_cnn_28px", "float32", steps=2)
+    model = build(np.zeros((2, side, side, channels), np.uint8), True)
+    dense = sum(2 * int(layer.input.shape[-1]) * layer.units for layer in model.layers
+                if isinstance(layer, keras.layers.Dense))  # these run as matrix products
+    expected = (speed.forward_flops(model) - dense) * 64 / 1e9  # a batch of 64 images
+    forward = breakdown["kernels"]["convolution forward"]
+    assert forward["calls"] == sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
+    assert forward["gflop"] == pytest.approx(expected, rel=1e-9)
+    assert {"convolution backward weights", "batch norm forward", "batch norm backward"} <= set(breakdown["kernels"])
+    assert breakdown["step_wall_ms"] > 0 and breakdown["steps"] == 2
+    with pytest.raises(ValueError, match="unknown model 'scratch_cnn_32px'"):
+        speed.kernel_breakdown("scratch_cnn_32px")
