@@ -225,12 +225,12 @@ def measure_training(build_model, side: int, channels: int = 1, num_classes: int
             with one_call_per_epoch(model, per_call):
                 warm_up = min(2, steps) if per_call == 1 else steps  # traces the function the timed epochs call
                 model.fit(train_data, validation_data=val_data, epochs=1, steps_per_epoch=warm_up,
-                          callbacks=callbacks, verbose=0)
+                          callbacks=callbacks, verbose=0, shuffle=False)  # tf.data shuffles, as train_model
                 seconds = []
                 for _ in range(trials):
                     started = time.perf_counter()
                     model.fit(train_data, validation_data=val_data, epochs=epochs, steps_per_epoch=steps,
-                              callbacks=callbacks, verbose=0)
+                              callbacks=callbacks, verbose=0, shuffle=False)
                     seconds.append(time.perf_counter() - started)
         finally:
             tf_config.enable_op_determinism()
