@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +83,11 @@ def _rate(step, flops: float, repeats: int, trials: int = 1) -> float:
         float(result)  # wait for the last step
         rates.append(flops * repeats / (time.perf_counter() - started))
     return max(rates)
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr (the table, or ``--json``, goes to stdout)."""
+    print(f"[medlab] {message} ...", file=sys.stderr, flush=True)
 
 
 def attainable_rates(repeats: int = 10, batch_size: int = 64, bfloat16: bool = True, trials: int = 3) -> dict:
@@ -294,6 +300,7 @@ def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> d
     if name not in lesson_models():
         raise ValueError(f"unknown model {name!r}: one of {sorted(lesson_models())}")
     code = f"from medlab.speed import _logged_steps; _logged_steps({name!r}, {precision!r}, {int(steps)})"
+    _say(f"logging oneDNN's kernels in {name}'s training step ({precision.removeprefix('mixed_')})")
     lines, measured = kernels.run_logged(code)
     return {"model": name, "precision": precision, "batch_size": 64, "steps": steps,
             **kernels.summarise(kernels.parse_verbose(lines), steps), **measured}
@@ -396,6 +403,7 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
     from medlab.train import PreciseBatchNorm, cpu_trains_bfloat16, onednn_enabled
 
     bfloat16 = cpu_trains_bfloat16()
+    _say("timing the attainable rates: a matmul and 3x3 convolutions")
     peak = attainable_rates(bfloat16=bfloat16)
     variants = [("float32", "", peak["attainable_conv2d_gflops"])]
     if bfloat16:
@@ -410,6 +418,8 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
         for precision, suffix, attainable in variants:
             if suffix and not name.startswith("scratch_cnn"):
                 continue  # lessons 04-05 train MobileNetV2 in float32: slower in bfloat16 (its depthwise convolutions)
+            _say(f"timing {name}{suffix}: training epochs, the bare step"
+                 + (", each overhead off" if overheads and not suffix else ""))
             before = max(conv_rates(precision.removeprefix("mixed_")).values())
             rate = measure_training(build, side, channels, epochs=epochs, precision=precision, trials=TRIALS, **lesson)
             step_rate = measure_step(build, side, channels, precision=precision, trials=TRIALS)

@@ -124,7 +124,7 @@ def test_keras_batchnorm_reference_has_no_fused_layers():
     assert not any(isinstance(layer, FusedBatchNormalization) for layer in build(images, False).layers)
 
 
-def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch):
+def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch, capsys):
     import medlab.train
 
     conv = iter([100.0, 150.0, 200.0, 180.0])  # before and after the first row, then the second's
@@ -139,6 +139,10 @@ def test_each_row_is_set_against_the_conv_rate_measured_next_to_it(monkeypatch):
     monkeypatch.setattr(speed, "measure_step", lambda *args, **kwargs: 2000.0)
     monkeypatch.setattr(speed, "kernel_breakdown", lambda name, precision: pytest.fail("kernels=False measures none"))
     rows = speed.speed_benchmark(overheads=False, kernels=False)["models"]
+    progress = capsys.readouterr().err.splitlines()  # 15 minutes of work should say where it is
+    assert progress == ["[medlab] timing the attainable rates: a matmul and 3x3 convolutions ...",
+                        "[medlab] timing scratch_cnn_28px: training epochs, the bare step ...",
+                        "[medlab] timing scratch_cnn_64px: training epochs, the bare step ..."]
     first, second = rows["scratch_cnn_28px"], rows["scratch_cnn_64px"]
     assert first["conv2d_gflops_before_and_after"] == [100.0, 150.0]
     assert first["percent_of_attainable"] == pytest.approx(100 * first["achieved_gflops"] / 150.0, abs=0.1)
