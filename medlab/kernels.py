@@ -122,9 +122,15 @@ def run_logged(code: str, timeout: float = 1800) -> tuple[list[str], dict]:
 
 
 def markdown(breakdowns: list[dict]) -> str:
-    """One column per breakdown: ms per step and, for convolutions and matrix products, GFLOP/s."""
+    """One column per breakdown: ms per step and, for convolutions and matrix products, GFLOP/s.
+
+    A breakdown with an ``"error"`` (the step could not be logged) is a line under the table instead.
+    """
+    failed = [f"Not logged, {b['model']} {b['precision'].removeprefix('mixed_')}: {b['error']}"
+              for b in breakdowns if "error" in b]
+    breakdowns = [b for b in breakdowns if "error" not in b]
     if not breakdowns:
-        return ""
+        return "\n".join(failed)
     present = {name for breakdown in breakdowns for name in breakdown["kernels"]}
     others = sorted(present - set(ORDER), key=lambda name: -max(b["kernels"].get(name, {"ms": 0})["ms"] for b in breakdowns))
     names = [name for name in ORDER if name in present] + others
@@ -144,4 +150,4 @@ def markdown(breakdowns: list[dict]) -> str:
               "", "oneDNN's own timings (`ONEDNN_VERBOSE=1`) of the bare training step, summed per step. Not in them:"
               " TensorFlow's own kernels (ReLU, the optimizer's updates, casts) and the gaps between kernels; two"
               " kernels can run at once, so the sum can exceed the wall time. GFLOP/s from the shapes oneDNN logs."]
-    return "\n".join(lines)
+    return "\n".join(lines + (["", *failed] if failed else []))

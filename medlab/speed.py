@@ -293,7 +293,8 @@ def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> d
     """oneDNN's time per kernel in the bare training step of :func:`lesson_models`' ``name`` (:mod:`medlab.kernels`).
 
     The step runs in a fresh process (oneDNN reads its log switch when it loads): three untimed steps, then
-    ``steps`` logged ones. Where TensorFlow does not use oneDNN the log is empty: check :func:`medlab.train.onednn_enabled`.
+    ``steps`` logged ones. :class:`medlab.kernels.LogError` when that process fails or oneDNN logs no kernel
+    (TensorFlow without oneDNN: check :func:`medlab.train.onednn_enabled` first).
     """
     from medlab import kernels
 
@@ -302,8 +303,22 @@ def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> d
     code = f"from medlab.speed import _logged_steps; _logged_steps({name!r}, {precision!r}, {int(steps)})"
     _say(f"logging oneDNN's kernels in {name}'s training step ({precision.removeprefix('mixed_')})")
     lines, measured = kernels.run_logged(code)
+    records = kernels.parse_verbose(lines)
+    if not records:
+        raise kernels.LogError(f"oneDNN logged no kernel in {name}'s training step: is TensorFlow running oneDNN's "
+                               "kernels here (TF_ENABLE_ONEDNN_OPTS=1), built with its verbose mode?")
     return {"model": name, "precision": precision, "batch_size": 64, "steps": steps,
-            **kernels.summarise(kernels.parse_verbose(lines), steps), **measured}
+            **kernels.summarise(records, steps), **measured}
+
+
+def _breakdown_or_why(name: str, precision: str) -> dict:
+    """:func:`kernel_breakdown`, or why there is none: the speed table measured before it is not lost."""
+    from medlab.kernels import LogError
+
+    try:
+        return kernel_breakdown(name, precision)
+    except LogError as error:
+        return {"model": name, "precision": precision, "error": str(error)}
 
 
 def _logged_steps(name: str, precision: str, steps: int) -> None:
@@ -440,7 +455,7 @@ def speed_benchmark(run_dir: str | Path | None = None, overheads: bool = True, e
                 float32_conv = max(rows[name]["conv2d_gflops_before_and_after"])
                 row["percent_of_float32_conv"] = round(100 * rate * train_gflop / float32_conv, 1)
             rows[name + suffix] = row
-    breakdowns = [kernel_breakdown(name, precision) for precision, _suffix, _rate in variants
+    breakdowns = [_breakdown_or_why(name, precision) for precision, _suffix, _rate in variants
                   for name in KERNEL_MODELS] if kernels and onednn_enabled() else []
     return {"cpu_count": config.cpu_count(), "onednn": onednn_enabled(), "attainable": peak, "models": rows,
             "kernels": breakdowns, "lessons": lesson_summary(run_dir) if run_dir else {}}

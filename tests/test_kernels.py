@@ -74,6 +74,12 @@ def test_table_has_a_column_per_step_and_the_usual_kernels_first():
     assert table[4] == "| batch norm forward | 1.5 | - |"
     assert table[10] == "| the step's wall time (log on) | 12.5 | 30.0 |"
     assert kernels.markdown([]) == ""
+    failed = {"model": "scratch_cnn_128px", "precision": "float32", "error": "the step did not finish"}
+    with_failure = kernels.markdown([{"model": "scratch_cnn_64px", "precision": "float32", "batch_size": 64,
+                                      "step_wall_ms": 30.0, **other}, failed]).splitlines()
+    assert with_failure[0].endswith("| scratch_cnn_64px float32 |")  # no column for the failed one
+    assert with_failure[-1] == "Not logged, scratch_cnn_128px float32: the step did not finish"
+    assert kernels.markdown([failed]) == with_failure[-1]
 
 
 def test_run_logged_cuts_the_log_at_the_markers_and_reports_a_failure():

@@ -246,3 +246,13 @@ def test_kernel_breakdown_counts_the_models_own_convolutions():
     assert breakdown["step_wall_ms"] > 0 and breakdown["steps"] == 2
     with pytest.raises(ValueError, match="unknown model 'scratch_cnn_32px'"):
         speed.kernel_breakdown("scratch_cnn_32px")
+
+
+def test_a_step_oneDNN_did_not_log_is_a_line_in_the_table_not_the_end_of_the_bench(monkeypatch):
+    from medlab import kernels
+
+    monkeypatch.setattr(kernels, "run_logged", lambda code: (["not a kernel line"], {"step_wall_ms": 1.0}))
+    with pytest.raises(kernels.LogError, match="oneDNN logged no kernel in scratch_cnn_64px's training step"):
+        speed.kernel_breakdown("scratch_cnn_64px")
+    why = speed._breakdown_or_why("scratch_cnn_64px", "float32")
+    assert why["model"] == "scratch_cnn_64px" and "oneDNN logged no kernel" in why["error"]
