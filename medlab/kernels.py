@@ -111,8 +111,11 @@ def run_logged(code: str, timeout: float = 1800) -> tuple[list[str], dict]:
     package_parent = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": path}
-    completed = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
-                               timeout=timeout)
+    try:
+        completed = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                                   timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise LogError(f"the logged training step did not finish within {timeout:.0f} s") from error
     lines = completed.stdout.splitlines()
     ends = [index for index, line in enumerate(lines) if line.startswith(END)]
     if completed.returncode != 0 or START not in lines or not ends:

@@ -307,7 +307,7 @@ def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> d
     if not records:
         raise kernels.LogError(f"oneDNN logged no kernel in {name}'s training step: is TensorFlow running oneDNN's "
                                "kernels here (TF_ENABLE_ONEDNN_OPTS=1), built with its verbose mode?")
-    return {"model": name, "precision": precision, "batch_size": 64, "steps": steps,
+    return {"model": name, "precision": precision, "batch_size": 64, "steps": steps,  # bare_step's batch
             **kernels.summarise(records, steps), **measured}
 
 

@@ -90,3 +90,5 @@ def test_run_logged_cuts_the_log_at_the_markers_and_reports_a_failure():
     assert lines == ["1"] and measured == {"step_wall_ms": 2.5}
     with pytest.raises(kernels.LogError, match=r"(?s)did not finish \(exit 1\).*ZeroDivisionError"):
         kernels.run_logged("print('MEDLAB-KERNELS-START')\n1 / 0")
+    with pytest.raises(kernels.LogError, match="did not finish within 1 s"):
+        kernels.run_logged("import time\ntime.sleep(30)", timeout=1)
