@@ -130,12 +130,10 @@ def _run_reports(dataset: str, selection: list[str] | None, parameters: dict | N
     try:
         new_timings = run_notebooks(tasks, at_once, progress)
     except NotebookFailed as failure:
-        shutil.rmtree(failed, ignore_errors=True)
-        staging.rename(failed)
+        _keep_as_failed(staging, failed)
         raise _report_error(failure, dataset, final, failed) from None
     except KeyboardInterrupt:  # Ctrl-C: keep what ran, as for a failure
-        shutil.rmtree(failed, ignore_errors=True)
-        staging.rename(failed)
+        _keep_as_failed(staging, failed)
         print(f"[medlab] interrupted: the notebooks, as far as they ran, are in {failed}/. {_kept(final)}", flush=True)
         raise
     elapsed = time.perf_counter() - started  # a partial run: only the notebooks it ran (they may have overlapped)
@@ -168,7 +166,14 @@ def _tasks(chosen: list[Path], staging: Path, given: dict, kernel: str | None) -
     return tasks
 
 
+def _keep_as_failed(staging: Path, failed: Path) -> None:
+    """A run that stopped part-way: its staging folder becomes ``<run>.failed/`` (an older one replaced)."""
+    shutil.rmtree(failed, ignore_errors=True)
+    staging.rename(failed)
+
+
 def _kept(final: Path) -> str:
+    """What became of the previous complete report (left untouched, or there was none)."""
     return (f"The previous complete report in {final}/ was left untouched." if final.exists() else
             f"No complete report exists for this dataset yet, so {final}/ was not created.")
 

@@ -203,7 +203,7 @@ def _pil_decode(path: bytes, channels: int) -> np.ndarray:
     return array.reshape(array.shape[0], array.shape[1], channels)
 
 
-def decode_image_file(path, use_pillow, image_size: int, channels: int):
+def decode_image_file(path, use_pillow: bool, image_size: int, channels: int):
     """Read, decode and resize one image file to uint8 (S, S, channels): training's preprocessing.
 
     PNG and JPEG files in common modes use ``tf.io.decode_image``; others (CMYK,
@@ -221,10 +221,7 @@ def decode_image_file(path, use_pillow, image_size: int, channels: int):
         image = tf.numpy_function(_pil_decode, [path, channels], tf.uint8)
         return tf.ensure_shape(image, [None, None, channels])
 
-    if isinstance(use_pillow, (bool, np.bool_)):  # known when tracing: only that branch enters the graph
-        image = with_pillow() if use_pillow else with_tf()
-    else:
-        image = tf.cond(tf.convert_to_tensor(use_pillow), with_pillow, with_tf)
+    image = with_pillow() if use_pillow else with_tf()  # a Python bool: only that branch enters a traced graph
     shrinking = tf.reduce_max(tf.shape(image)[:2]) > image_size
     image = tf.cond(
         shrinking,
