@@ -105,7 +105,7 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("what", choices=["full", "data", "speed", "kernels", "merge", "compare"], nargs="?", default="full",
                        help="full: the whole report per seed, then one table (default); data: the data pipeline "
                             "only; speed: training FLOP/s against this CPU's attainable rate, and overheads; kernels: where "
-                            "lesson 03's 64 and 128 px training steps go, by oneDNN kernel (about a minute); "
+                            "lesson 03's 64 and 128 px training steps go, by oneDNN kernel (under a minute); "
                             "merge: one table from finished bench runs (--runs), e.g. seeds run on several machines; "
                             "compare: finished bench runs (--runs) against a baseline's (--against), e.g. two commits")
     bench.add_argument("--seed", type=int, action="append", dest="only_seeds",

@@ -289,7 +289,7 @@ def bare_step(build_model, side: int, channels: int = 1, num_classes: int = 2, b
             keras.backend.clear_session()
 
 
-def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> dict:
+def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3, batch_size: int = 64) -> dict:
     """oneDNN's time per kernel in the bare training step of :func:`lesson_models`' ``name`` (:mod:`medlab.kernels`).
 
     The step runs in a fresh process (oneDNN reads its log switch when it loads): three untimed steps, then
@@ -300,14 +300,15 @@ def kernel_breakdown(name: str, precision: str = "float32", steps: int = 3) -> d
 
     if name not in lesson_models():
         raise ValueError(f"unknown model {name!r}: one of {sorted(lesson_models())}")
-    code = f"from medlab.speed import _logged_steps; _logged_steps({name!r}, {precision!r}, {int(steps)})"
+    code = (f"from medlab.speed import _logged_steps; "
+            f"_logged_steps({name!r}, {precision!r}, {int(steps)}, {int(batch_size)})")
     _say(f"logging oneDNN's kernels in {name}'s training step ({precision.removeprefix('mixed_')})")
     lines, measured = kernels.run_logged(code)
     records = kernels.parse_verbose(lines)
     if not records:
         raise kernels.LogError(f"oneDNN logged no kernel in {name}'s training step: is TensorFlow running oneDNN's "
                                "kernels here (TF_ENABLE_ONEDNN_OPTS=1), built with its verbose mode?")
-    return {"model": name, "precision": precision, "batch_size": 64, "steps": steps,  # bare_step's batch
+    return {"model": name, "precision": precision, "batch_size": batch_size, "steps": steps,
             **kernels.summarise(records, steps), **measured}
 
 
@@ -321,12 +322,12 @@ def _breakdown_or_why(name: str, precision: str) -> dict:
         return {"model": name, "precision": precision, "error": str(error)}
 
 
-def _logged_steps(name: str, precision: str, steps: int) -> None:
+def _logged_steps(name: str, precision: str, steps: int, batch_size: int) -> None:
     """In :func:`kernel_breakdown`'s process: warm up, then ``steps`` steps between the markers oneDNN's log is cut at."""
     from medlab import kernels
 
     build, side, channels = lesson_models()[name]
-    with bare_step(build, side, channels, precision=precision) as step:
+    with bare_step(build, side, channels, batch_size=batch_size, precision=precision) as step:
         for _ in range(3):  # the first traces; oneDNN builds its kernels on the first runs
             float(step())
         print(kernels.START, flush=True)

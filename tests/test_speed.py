@@ -234,16 +234,16 @@ def test_lesson_summary_and_markdown(tmp_path):
 @pytest.mark.skipif(not onednn_enabled(), reason="TensorFlow runs without oneDNN here")
 def test_kernel_breakdown_counts_the_models_own_convolutions():
     build, side, channels = speed.lesson_models()["scratch_cnn_28px"]
-    breakdown = speed.kernel_breakdown("scratch_cnn_28px", "float32", steps=2)
+    breakdown = speed.kernel_breakdown("scratch_cnn_28px", "float32", steps=2, batch_size=16)
     model = build(np.zeros((2, side, side, channels), np.uint8), True)
     dense = sum(2 * int(layer.input.shape[-1]) * layer.units for layer in model.layers
                 if isinstance(layer, keras.layers.Dense))  # these run as matrix products
-    expected = (speed.forward_flops(model) - dense) * 64 / 1e9  # a batch of 64 images
+    expected = (speed.forward_flops(model) - dense) * 16 / 1e9  # the batch the child process stepped on
     forward = breakdown["kernels"]["convolution forward"]
     assert forward["calls"] == sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
     assert forward["gflop"] == pytest.approx(expected, rel=1e-9)
     assert {"convolution backward weights", "batch norm forward", "batch norm backward"} <= set(breakdown["kernels"])
-    assert breakdown["step_wall_ms"] > 0 and breakdown["steps"] == 2
+    assert breakdown["step_wall_ms"] > 0 and breakdown["steps"] == 2 and breakdown["batch_size"] == 16
     with pytest.raises(ValueError, match="unknown model 'scratch_cnn_32px'"):
         speed.kernel_breakdown("scratch_cnn_32px")
 
